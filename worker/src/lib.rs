@@ -1,0 +1,7 @@
+//! The worker side of the EC-IJEPA training system: the trainer (model,
+//! masks, data, optimisation, checkpoints, evaluation) and, later, the daemon
+//! that runs trainers for the coordinator.
+//!
+//! This is the only crate that links libtorch.
+
+pub mod runtime;
