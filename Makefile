@@ -2,9 +2,15 @@
 # works on a fresh machine; set-up is idempotent and fast when done.
 
 CARGO ?= cargo
+# The shared PyTorch environment scripts/setup.sh creates (same cache rule).
+JEPA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ecijepa
+JEPA_PY ?= $(JEPA_CACHE)/torch-2.11.0/bin/python
+PARITY_DIR ?= target/parity
+# The release binary `make bench` times (cargo's target folder may be moved).
+BENCH_BIN ?= $(or $(CARGO_TARGET_DIR),target)/release/jepa-worker
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build test lint unit link-check demo clean
+.PHONY: setup build test lint unit link-check parity bench demo clean
 
 setup:
 	@scripts/setup.sh
@@ -23,11 +29,23 @@ link-check: setup
 	$(CARGO) build --workspace --bins
 	scripts/check-links.sh target/debug
 
-test: lint unit link-check
+# The Rust model against the PyTorch reference in tests/parity (f32, 1e-5).
+parity: setup
+	$(CARGO) run -p jepa-worker --example export_parity -- $(PARITY_DIR)
+	$(JEPA_PY) tests/parity/check_parity.py $(PARITY_DIR)
+
+# Training-step speed of Rust against PyTorch eager on the same workload
+# (tests/bench, docs/bench.md): small CPU cases, about 2 minutes on 2 idle
+# cores. Not part of `test`: its figures depend on the machine's load.
+bench: setup
+	$(CARGO) build --release -p jepa-worker --bin jepa-worker
+	$(JEPA_PY) tests/bench/compare.py --bin $(BENCH_BIN)
+
+test: lint unit link-check parity
 
 demo: setup
 	$(CARGO) build --release --workspace --bins
-	target/release/jepa-worker info
+	scripts/demo.sh
 
 clean:
 	$(CARGO) clean

@@ -8,7 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
 
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["../proto/jepa/v1/jepa.proto"];
+    let protos = [
+        "../proto/jepa/v1/jepa.proto",
+        "../proto/jepa/v1/spec.proto",
+        "../proto/jepa/v1/types.proto",
+        "../proto/jepa/v1/user.proto",
+        "../proto/jepa/v1/worker.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("jepa_v1_descriptor.bin"))
         .compile_protos(&protos, &["../proto"])?;

