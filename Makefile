@@ -6,8 +6,11 @@ CARGO ?= cargo
 JEPA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ecijepa
 JEPA_PY ?= $(JEPA_CACHE)/torch-2.11.0/bin/python
 PARITY_DIR ?= target/parity
-# The release binary `make bench` times (cargo's target folder may be moved).
+# The release binary `make bench` times (cargo's target folder may be moved),
+# and the driver's options: one CPU thread per side keeps the figures steady
+# on a loaded machine; `make bench BENCH_ARGS=` uses libtorch's default.
 BENCH_BIN ?= $(or $(CARGO_TARGET_DIR),target)/release/jepa-worker
+BENCH_ARGS ?= --threads 1 --rounds 3
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: setup build test lint unit link-check parity bench demo clean
@@ -35,11 +38,11 @@ parity: setup
 	$(JEPA_PY) tests/parity/check_parity.py $(PARITY_DIR)
 
 # Training-step speed of Rust against PyTorch eager on the same workload
-# (tests/bench, docs/bench.md): small CPU cases, about 2 minutes on 2 idle
+# (tests/bench, docs/bench.md): small CPU cases, about 2 minutes on 2
 # cores. Not part of `test`: its figures depend on the machine's load.
 bench: setup
 	$(CARGO) build --release -p jepa-worker --bin jepa-worker
-	$(JEPA_PY) tests/bench/compare.py --bin $(BENCH_BIN)
+	$(JEPA_PY) tests/bench/compare.py --bin $(BENCH_BIN) $(BENCH_ARGS)
 
 test: lint unit link-check parity
 

@@ -28,12 +28,13 @@ import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-# Small CPU configurations: a custom Fashion-MNIST-sized model without and
-# with EC conditioning, and the tiny preset on 64 px RGB images.
+# Small CPU configurations: the default run spec's Fashion-MNIST-sized
+# custom model without and with EC conditioning, and the tiny preset at
+# I-JEPA's 224 px, patch 16, on a small batch.
 DEFAULT_CASES = [
     "--preset custom --image-size 28 --patch-size 4 --channels 1 --batch 64 --conditioning none",
     "--preset custom --image-size 28 --patch-size 4 --channels 1 --batch 64 --conditioning ec",
-    "--preset tiny --image-size 64 --patch-size 8 --channels 3 --batch 8 --conditioning none",
+    "--preset tiny --image-size 224 --patch-size 16 --channels 3 --batch 8 --conditioning none",
 ]
 
 # First-step losses must agree this closely (relative): f32 on CPU, bf16

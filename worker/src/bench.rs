@@ -341,7 +341,6 @@ pub fn plan(args: &BenchArgs) -> anyhow::Result<BenchPlan> {
     if args.peak_tflops.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
         bail!("--peak-tflops must be a positive number");
     }
-
     if args.threads.is_some_and(|n| n < 1) {
         bail!("--threads must be at least 1");
     }
@@ -366,18 +365,14 @@ pub fn plan(args: &BenchArgs) -> anyhow::Result<BenchPlan> {
 ///
 /// Fails when the model cannot be built, a step fails or gives a
 /// non-finite loss, or the workload file cannot be written.
+// Limitation: the timed step leaves out mask sampling and the copy of a
+// real batch to the device, which the trainer does on its main thread every
+// step, so the bench's images/s are an upper bound on a training run's.
 pub fn run(plan: &BenchPlan) -> anyhow::Result<BenchReport> {
-    let (spec, device) = (&plan.spec, plan.device);
-    let batch = spec.optim.batch_size as usize;
+    let device = plan.device;
     if let Some(threads) = plan.threads {
         tch::set_num_threads(threads);
     }
-    let sampler = MaskSampler::new(mask_config(spec))?;
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ MASK_STREAM);
-    let masks = (0..plan.warmup + plan.steps)
-        .map(|step| sampler.sample(step as u64, batch, &mut rng))
-        .collect::<Result<Vec<_>, _>>()?;
-
     // The baseline holds the CUDA context, so the peak counts only what
     // the bench itself allocates.
     let warm = Tensor::zeros([1], (Kind::Float, device));
@@ -385,80 +380,141 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<BenchReport> {
     let baseline = cuda_memory_in_use(device);
     drop(warm);
 
-    tch::manual_seed(spec.seed as i64);
-    let config = model_config(spec);
-    let mut model = EcIjepa::new(&config, &cond_config(spec), device)?;
-    let groups = model.param_groups();
-    let mut optim = AdamW::new(groups.decay, groups.no_decay);
-    let params = optim.tensors().iter().map(|t| t.numel() as i64).sum();
-    let (c, size) = (i64::from(spec.model.in_channels), i64::from(spec.model.image_size));
-    let images = Tensor::randn([batch as i64, c, size, size], (Kind::Float, device));
+    let mut bench = Workload::build(plan)?;
     if let Some(path) = &plan.workload_out {
-        write_workload(path, plan, &masks, &model, &images)?;
+        write_workload(path, plan, &bench)?;
     }
-    let mut collective = SingleRank;
-    let constants = StepConstants {
-        lr: spec.optim.lr,
-        wd: spec.optim.weight_decay[0],
-        momentum: spec.optim.ema[0],
-        grad_clip: spec.optim.grad_clip,
-    };
 
-    let (mut times_ms, mut flops, mut peak) = (Vec::new(), 0.0, None);
-    let mut losses = Vec::with_capacity(masks.len());
-    for (step, step_masks) in masks.iter().enumerate() {
+    let mut measured =
+        Measured { times_ms: Vec::new(), flops: 0.0, peak: None, losses: Vec::new() };
+    for step in 0..bench.masks.len() {
         let start = Instant::now();
-        let loss =
-            train_step(&mut model, &mut optim, &mut collective, &images, step_masks, &constants)?;
+        let loss = bench.step(step, &plan.spec)?;
         synchronize(device);
         let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
-        losses.push(loss);
+        measured.losses.push(loss);
         if step < plan.warmup {
             continue;
         }
-        times_ms.push(elapsed_ms);
-        flops += step_flops(&config, step_masks, &model.token_counts(step_masks)).total();
+        measured.times_ms.push(elapsed_ms);
+        let masks = &bench.masks[step];
+        let counts = bench.model.token_counts(masks);
+        measured.flops += step_flops(bench.model.config(), masks, &counts).total();
         if let (Some(base), Some(now)) = (baseline, cuda_memory_in_use(device)) {
-            peak = Some(peak.unwrap_or(0).max(now.saturating_sub(base)));
+            measured.peak = Some(measured.peak.unwrap_or(0).max(now.saturating_sub(base)));
         }
     }
+    Ok(report(plan, &bench, measured))
+}
 
-    let stats = Timing::of(&times_ms);
+/// Everything a bench step touches, built as the trainer builds it.
+struct Workload {
+    model: EcIjepa,
+    optim: AdamW,
+    collective: SingleRank,
+    images: Tensor,
+    /// Masks of every step, warm-up ones first.
+    masks: Vec<MaskBatch>,
+    params: i64,
+}
+
+impl Workload {
+    /// Draws the masks of every step, then builds model, optimiser and a
+    /// random image batch from the spec's seed.
+    fn build(plan: &BenchPlan) -> anyhow::Result<Self> {
+        let spec = &plan.spec;
+        let batch = spec.optim.batch_size as usize;
+        let sampler = MaskSampler::new(mask_config(spec))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ MASK_STREAM);
+        let masks = (0..plan.warmup + plan.steps)
+            .map(|step| sampler.sample(step as u64, batch, &mut rng))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        tch::manual_seed(spec.seed as i64);
+        let model = EcIjepa::new(&model_config(spec), &cond_config(spec), plan.device)?;
+        let groups = model.param_groups();
+        let optim = AdamW::new(groups.decay, groups.no_decay);
+        let params = optim.tensors().iter().map(|t| t.numel() as i64).sum();
+        let (c, size) = (i64::from(spec.model.in_channels), i64::from(spec.model.image_size));
+        let images = Tensor::randn([batch as i64, c, size, size], (Kind::Float, plan.device));
+        Ok(Workload { model, optim, collective: SingleRank, images, masks, params })
+    }
+
+    /// One training step in the trainer's order (`Trainer::train_step`,
+    /// less data loading and mask sampling) with the schedules' start
+    /// values; returns the loss.
+    fn step(&mut self, index: usize, spec: &RunSpec) -> anyhow::Result<f64> {
+        let o = &spec.optim;
+        self.optim.zero_grad();
+        let loss = self.model.loss(&self.images, &self.masks[index], true)?;
+        loss.backward();
+        let grads: Vec<Tensor> = self.optim.tensors().iter().map(|t| t.grad()).collect();
+        let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
+        self.collective.all_reduce_mean(&defined)?;
+        if o.grad_clip > 0.0 {
+            self.optim.clip_grad_norm(o.grad_clip);
+        }
+        self.optim.step(o.lr, o.weight_decay[0]);
+        self.model.ema_update(o.ema[0]);
+
+        let reported = loss.detach().to_kind(Kind::Float);
+        self.collective.all_reduce_mean(&[&reported])?;
+        let value = reported.double_value(&[]);
+        if !value.is_finite() {
+            bail!("loss is {value} at bench step {index}");
+        }
+        Ok(value)
+    }
+}
+
+/// What the timed steps measured.
+struct Measured {
+    times_ms: Vec<f64>,
+    flops: f64,
+    /// Bytes of device memory added, at most, on CUDA.
+    peak: Option<u64>,
+    /// Losses of every step, warm-up ones included.
+    losses: Vec<f64>,
+}
+
+fn report(plan: &BenchPlan, bench: &Workload, measured: Measured) -> BenchReport {
+    let (spec, m) = (&plan.spec, &plan.spec.model);
+    let stats = Timing::of(&measured.times_ms);
     let seconds = stats.total_ms / 1e3;
-    let achieved_tflops = flops / seconds / 1e12;
-    Ok(BenchReport {
-        preset: spec.model.preset.clone(),
-        image_size: spec.model.image_size,
-        patch_size: spec.model.patch_size,
-        channels: spec.model.in_channels,
-        embed_dim: spec.model.embed_dim,
-        depth: spec.model.depth,
-        num_heads: spec.model.num_heads,
-        pred_depth: spec.model.pred_depth,
-        pred_dim: spec.model.pred_dim,
+    let achieved_tflops = measured.flops / seconds / 1e12;
+    BenchReport {
+        preset: m.preset.clone(),
+        image_size: m.image_size,
+        patch_size: m.patch_size,
+        channels: m.in_channels,
+        embed_dim: m.embed_dim,
+        depth: m.depth,
+        num_heads: m.num_heads,
+        pred_depth: m.pred_depth,
+        pred_dim: m.pred_dim,
         conditioning: conditioning_name(spec).to_string(),
         batch: spec.optim.batch_size,
         steps: plan.steps,
         warmup: plan.warmup,
-        device: device_name(device),
-        precision: precision_name(model.precision()).to_string(),
+        device: device_name(plan.device),
+        precision: precision_name(bench.model.precision()).to_string(),
         threads: tch::get_num_threads(),
-        params,
+        params: bench.params,
         min_keep: spec.mask.min_keep,
         step_ms_mean: stats.mean,
         step_ms_median: stats.median,
         step_ms_min: stats.min,
         step_ms_max: stats.max,
-        step_times_ms: times_ms,
-        images_per_s: (batch * plan.steps) as f64 / seconds,
-        flops_per_step: flops / plan.steps as f64,
+        step_times_ms: measured.times_ms,
+        images_per_s: f64::from(spec.optim.batch_size) * plan.steps as f64 / seconds,
+        flops_per_step: measured.flops / plan.steps as f64,
         achieved_tflops,
         peak_tflops: plan.peak_tflops,
         mfu: plan.peak_tflops.map(|peak| achieved_tflops / peak),
-        peak_memory_mib: peak.map(|bytes| bytes as f64 / MIB),
-        first_loss: losses[0],
-        last_loss: losses[losses.len() - 1],
-    })
+        peak_memory_mib: measured.peak.map(|bytes| bytes as f64 / MIB),
+        first_loss: measured.losses[0],
+        last_loss: measured.losses[measured.losses.len() - 1],
+    }
 }
 
 /// Runs `jepa-worker bench` and prints the report, as text or as JSON.
@@ -475,45 +531,6 @@ pub fn run_cli(args: &BenchArgs) -> anyhow::Result<()> {
         print_report(&report);
     }
     Ok(())
-}
-
-/// The fixed optimiser settings of the bench (the schedules' start values).
-struct StepConstants {
-    lr: f64,
-    wd: f64,
-    momentum: f64,
-    grad_clip: f64,
-}
-
-/// One training step in the trainer's order (`Trainer::train_step`, less
-/// data loading and mask sampling); returns the loss.
-fn train_step(
-    model: &mut EcIjepa,
-    optim: &mut AdamW,
-    collective: &mut dyn Collective,
-    images: &Tensor,
-    masks: &MaskBatch,
-    constants: &StepConstants,
-) -> anyhow::Result<f64> {
-    optim.zero_grad();
-    let loss = model.loss(images, masks, true)?;
-    loss.backward();
-    let grads: Vec<Tensor> = optim.tensors().iter().map(|t| t.grad()).collect();
-    let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
-    collective.all_reduce_mean(&defined)?;
-    if constants.grad_clip > 0.0 {
-        optim.clip_grad_norm(constants.grad_clip);
-    }
-    optim.step(constants.lr, constants.wd);
-    model.ema_update(constants.momentum);
-
-    let reported = loss.detach().to_kind(Kind::Float);
-    collective.all_reduce_mean(&[&reported])?;
-    let value = reported.double_value(&[]);
-    if !value.is_finite() {
-        bail!("loss is {value} during the bench");
-    }
-    Ok(value)
 }
 
 /// Summary of step times in milliseconds.
@@ -571,25 +588,21 @@ fn conditioning_name(spec: &RunSpec) -> &'static str {
 /// conditioning, optimiser constants, threads and every step's masks as
 /// JSON at `path`, and the initial weights and the images as safetensors
 /// next to it (`<path>.weights.safetensors`, `<path>.images.safetensors`).
-fn write_workload(
-    path: &Path,
-    plan: &BenchPlan,
-    masks: &[MaskBatch],
-    model: &EcIjepa,
-    images: &Tensor,
-) -> anyhow::Result<()> {
+fn write_workload(path: &Path, plan: &BenchPlan, bench: &Workload) -> anyhow::Result<()> {
     let file_name = path.file_name().context("--workload-out names no file")?.to_string_lossy();
     let (weights, pixels) =
         (format!("{file_name}.weights.safetensors"), format!("{file_name}.images.safetensors"));
-    model
+    bench
+        .model
         .save(&path.with_file_name(&weights))
         .with_context(|| format!("failed to write the bench weights next to {}", path.display()))?;
-    let cpu_images = images.to_device(Device::Cpu);
+    let cpu_images = bench.images.to_device(Device::Cpu);
     Tensor::write_safetensors(&[("images", &cpu_images)], path.with_file_name(&pixels))
         .with_context(|| format!("failed to write the bench images next to {}", path.display()))?;
 
     let (spec, m) = (&plan.spec, &plan.spec.model);
-    let steps: Vec<serde_json::Value> = masks
+    let steps: Vec<serde_json::Value> = bench
+        .masks
         .iter()
         .map(|b| serde_json::json!({ "context": b.context(), "targets": b.targets() }))
         .collect();
