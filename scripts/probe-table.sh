@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Linear-probe comparison on Fashion-MNIST: raw pixels, a randomly
 # initialised encoder, I-JEPA and EC-IJEPA pretrained, for each seed, with
-# one probe protocol (the spec's [eval] section). Prints a Markdown table.
+# one probe protocol (the spec's [eval] section, plus the pooled probe with
+# kernel 3 and stride 2). Prints a Markdown table; each cell is
+# "average-pooled probe / pooled probe" top-1 in percent.
 #
 #   scripts/probe-table.sh [STEPS] [SEEDS...]      e.g. scripts/probe-table.sh 600 0 1
 #
@@ -18,15 +20,23 @@ out=${OUT:-out/probe-table}
 bin=${JEPA_WORKER:-target/release/jepa-worker}
 mkdir -p "$out"
 common=(--set "schedule.steps=$steps" --set schedule.log_every=50 --set schedule.rankme_every=0
-        --set eval.max_train=10000 --set eval.max_test=10000)
+        --set eval.max_train=10000 --set eval.max_test=10000
+        --set eval.pooled_kernel=3 --set eval.pooled_stride=2)
 
-top1() { sed -n 's/.*"top1":\([0-9.]*\).*/\1/p' | tail -n 1; }
-pct() { awk -v v="$1" 'BEGIN { printf "%.2f", 100 * v }'; }
+# "AVG POOLED" top-1 of the last probe line read on stdin ("-" when absent).
+top1() {
+  local line avg pooled
+  line=$(tail -n 1)
+  avg=$(sed -n 's/.*"top1":\([0-9.]*\).*/\1/p' <<<"$line")
+  pooled=$(sed -n 's/.*"pooled_top1":\([0-9.]*\).*/\1/p' <<<"$line")
+  echo "${avg:--} ${pooled:--}"
+}
+pct() { if [ "$1" = - ]; then printf -- -; else awk -v v="$1" 'BEGIN { printf "%.2f", 100 * v }'; fi; }
 
 declare -A result
 for seed in "${seeds[@]}"; do
-  result[raw,$seed]=$("$bin" probe --features raw --set "seed=$seed" "${common[@]}" 2>/dev/null | top1)
-  result[random,$seed]=$("$bin" probe --features random --set "seed=$seed" "${common[@]}" 2>/dev/null | top1)
+  result[raw,$seed]=$("$bin" probe --features raw --set "seed=$seed" "${common[@]}" 2>/dev/null | grep top1 | top1)
+  result[random,$seed]=$("$bin" probe --features random --set "seed=$seed" "${common[@]}" 2>/dev/null | grep top1 | top1)
   for method in none ec; do
     name="$method-seed$seed"
     start=$(date +%s)
@@ -45,11 +55,15 @@ for row in raw random none ec; do
     none) label="I-JEPA, $steps steps" ;; ec) label="EC-IJEPA, $steps steps" ;;
   esac
   printf '| %s |' "$label"
-  sum=0
+  sum_a=0 sum_p=0
   for s in "${seeds[@]}"; do
-    v=${result[$row,$s]}
-    printf ' %s |' "$(pct "$v")"
-    sum=$(awk -v a="$sum" -v b="$v" 'BEGIN { print a + b }')
+    read -r a p <<<"${result[$row,$s]}"
+    printf ' %s / %s |' "$(pct "$a")" "$(pct "$p")"
+    sum_a=$(awk -v x="$sum_a" -v y="$a" 'BEGIN { print x + y }')
+    [ "$p" = - ] || sum_p=$(awk -v x="$sum_p" -v y="$p" 'BEGIN { print x + y }')
   done
-  printf ' %s |\n' "$(pct "$(awk -v a="$sum" -v n="${#seeds[@]}" 'BEGIN { print a / n }')")"
+  n=${#seeds[@]}
+  mean_p=-
+  [ "$p" = - ] || mean_p=$(awk -v x="$sum_p" -v n="$n" 'BEGIN { print x / n }')
+  printf ' %s / %s |\n' "$(pct "$(awk -v x="$sum_a" -v n="$n" 'BEGIN { print x / n }')")" "$(pct "$mean_p")"
 done
