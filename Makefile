@@ -48,7 +48,7 @@ test: lint unit link-check parity
 
 demo: setup
 	$(CARGO) build --release --workspace --bins
-	scripts/demo.sh
+	JEPA_WORKER=$(BENCH_BIN) scripts/demo.sh
 
 clean:
 	$(CARGO) clean
