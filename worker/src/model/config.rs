@@ -15,15 +15,9 @@ pub const LAYER_NORM_EPS: f64 = 1e-6;
 /// Standard deviation of the truncated-normal initialisation.
 pub const INIT_STD: f64 = 0.02;
 
-/// Named sizes: (name, D, depth, heads, predictor depth, predictor width).
-pub const PRESETS: [(&str, i64, i64, i64, i64, i64); 6] = [
-    ("tiny", 192, 12, 3, 6, 192),
-    ("small", 384, 12, 6, 6, 384),
-    ("base", 768, 12, 12, 6, 384),
-    ("large", 1024, 24, 16, 12, 384),
-    ("huge", 1280, 32, 16, 12, 384),
-    ("giant", 1408, 40, 16, 16, 384),
-];
+/// Named sizes: (name, D, depth, heads, predictor depth, predictor width),
+/// shared with the run spec so the two can never disagree.
+pub use jepa_common::spec::PRESETS;
 
 /// Size of the ViT encoders and of the predictor.
 ///
@@ -63,9 +57,7 @@ impl ModelConfig {
         patch_size: i64,
         in_channels: i64,
     ) -> Result<Self, ModelError> {
-        let Some(&(_, embed_dim, depth, num_heads, pred_depth, pred_dim)) =
-            PRESETS.iter().find(|p| p.0 == name)
-        else {
+        let Some(&(_, d, depth, heads, pd, pw)) = PRESETS.iter().find(|p| p.0 == name) else {
             let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
             let message = format!("unknown preset {name:?}; allowed: {}", names.join(", "));
             return Err(ModelError::invalid("model.preset", message));
@@ -74,11 +66,11 @@ impl ModelConfig {
             image_size,
             patch_size,
             in_channels,
-            embed_dim,
-            depth,
-            num_heads,
-            pred_depth,
-            pred_dim,
+            embed_dim: i64::from(d),
+            depth: i64::from(depth),
+            num_heads: i64::from(heads),
+            pred_depth: i64::from(pd),
+            pred_dim: i64::from(pw),
         };
         config.validate()?;
         Ok(config)
