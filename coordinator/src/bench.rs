@@ -246,20 +246,7 @@ async fn metrics_phase(channel: &Channel, args: &BenchArgs, clients: usize) -> a
         tasks.push(tokio::spawn(async move {
             let series = format!("bench/client{client_index}");
             for b in 0..share {
-                let points = (0..batch)
-                    .map(|i| proto::MetricPoint {
-                        series: series.clone(),
-                        step: (b * batch + i) as u64,
-                        value: i as f64,
-                        wall_time_ms: 0,
-                    })
-                    .collect();
-                let request = proto::ReportMetricsRequest {
-                    worker_id: worker_id.clone(),
-                    run_id: run_id.clone(),
-                    attempt: 1,
-                    points,
-                };
+                let request = metric_batch(&series, b, batch, &worker_id, &run_id);
                 client.report_metrics(request).await?;
             }
             anyhow::Ok(())
@@ -269,6 +256,31 @@ async fn metrics_phase(channel: &Channel, args: &BenchArgs, clients: usize) -> a
         task.await??;
     }
     Ok((batches * batch) as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// The `b`-th report of one bench client: `batch` points of `series` at
+/// consecutive steps, so no two reports of a client overlap.
+fn metric_batch(
+    series: &str,
+    b: usize,
+    batch: usize,
+    worker_id: &str,
+    run_id: &str,
+) -> proto::ReportMetricsRequest {
+    let points = (0..batch)
+        .map(|i| proto::MetricPoint {
+            series: series.to_string(),
+            step: (b * batch + i) as u64,
+            value: i as f64,
+            wall_time_ms: 0,
+        })
+        .collect();
+    proto::ReportMetricsRequest {
+        worker_id: worker_id.to_string(),
+        run_id: run_id.to_string(),
+        attempt: 1,
+        points,
+    }
 }
 
 async fn metrics_in_process_phase(
@@ -297,20 +309,7 @@ async fn metrics_in_process_phase(
         tasks.push(tokio::spawn(async move {
             let series = format!("bench/client{client_index}");
             for b in 0..share {
-                let points = (0..batch)
-                    .map(|i| proto::MetricPoint {
-                        series: series.clone(),
-                        step: (b * batch + i) as u64,
-                        value: i as f64,
-                        wall_time_ms: 0,
-                    })
-                    .collect();
-                let request = proto::ReportMetricsRequest {
-                    worker_id: worker_id.clone(),
-                    run_id: run_id.clone(),
-                    attempt: 1,
-                    points,
-                };
+                let request = metric_batch(&series, b, batch, &worker_id, &run_id);
                 coord.report_metrics(request).await?;
             }
             anyhow::Ok(())
