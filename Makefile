@@ -9,7 +9,8 @@ PARITY_DIR ?= target/parity
 # The release binary `make bench` times (cargo's target folder may be moved),
 # and the driver's options: one CPU thread per side keeps the figures steady
 # on a loaded machine; `make bench BENCH_ARGS=` uses libtorch's default.
-BENCH_BIN ?= $(or $(CARGO_TARGET_DIR),target)/release/jepa-worker
+RELEASE_DIR ?= $(or $(CARGO_TARGET_DIR),target)/release
+BENCH_BIN ?= $(RELEASE_DIR)/jepa-worker
 BENCH_ARGS ?= --threads 1 --rounds 3
 export CARGO_TERM_COLOR ?= never
 
@@ -46,9 +47,11 @@ bench: setup
 
 test: lint unit link-check parity
 
+# Coordinator, one worker daemon, an EC-IJEPA and an I-JEPA run through the
+# gRPC API (scripts/demo.sh; DEMO_STEPS, DEMO_PORT, DEMO_DATA adjust it).
 demo: setup
 	$(CARGO) build --release --workspace --bins
-	JEPA_WORKER=$(BENCH_BIN) scripts/demo.sh
+	BIN_DIR=$(RELEASE_DIR) scripts/demo.sh
 
 clean:
 	$(CARGO) clean

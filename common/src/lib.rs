@@ -5,6 +5,7 @@
 //! This crate never links libtorch and owns no tokio runtime, so the
 //! coordinator and `jepactl` build on machines without either.
 
+pub mod duration;
 pub mod series;
 pub mod spec;
 pub mod spec_override;

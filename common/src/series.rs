@@ -8,6 +8,30 @@ pub const LOSS: &str = "train/loss";
 /// Images per second over all ranks of the attempt.
 pub const IMAGES_PER_SEC: &str = "train/images_per_sec";
 
+/// Mean loss since the previous logged step.
+pub const LOSS_AVG: &str = "train/loss_avg";
+
+/// Learning rate of the step.
+pub const LR: &str = "train/lr";
+
+/// Weight decay of the step.
+pub const WEIGHT_DECAY: &str = "train/weight_decay";
+
+/// EMA momentum of the step.
+pub const MOMENTUM: &str = "train/momentum";
+
+/// Share of wall time spent waiting for data, in [0, 1].
+pub const DATA_WAIT: &str = "train/data_wait";
+
+/// RankMe of the target features.
+pub const RANKME: &str = "eval/rankme";
+
+/// Top-1 of the average-pooled linear probe, in [0, 1].
+pub const PROBE_TOP1: &str = "eval/probe_top1";
+
+/// Top-1 of the pooled linear probe (kernel and stride of the spec), in [0, 1].
+pub const POOLED_PROBE_TOP1: &str = "eval/pooled_probe_top1";
+
 /// Longest series name the coordinator accepts, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 

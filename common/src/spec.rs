@@ -395,7 +395,7 @@ impl Default for OptimSpec {
             lr: 1e-3,
             start_lr: 1e-4,
             final_lr: 1e-6,
-            warmup_steps: 40,
+            warmup_steps: 150,
             weight_decay: [0.04, 0.4],
             ema: [0.996, 1.0],
             grad_clip: 0.0,
@@ -467,7 +467,7 @@ pub struct ScheduleSpec {
 impl Default for ScheduleSpec {
     fn default() -> Self {
         ScheduleSpec {
-            steps: 400,
+            steps: 3000,
             log_every: 10,
             checkpoint_every: 100,
             eval_every: 0,
@@ -760,6 +760,12 @@ mod tests {
         let back = RunSpec::from_toml_str(&spec.to_toml_string()).unwrap();
         assert_eq!(back, spec);
         assert_eq!(back.spec_hash(), spec.spec_hash());
+    }
+
+    #[test]
+    fn the_example_spec_holds_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/run.toml");
+        assert_eq!(RunSpec::from_file(&path).unwrap(), RunSpec::default());
     }
 
     #[test]

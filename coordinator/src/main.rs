@@ -122,8 +122,13 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         version = jepa_common::VERSION,
         "coordinator listening"
     );
-    server::serve(coord, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("failed to install the SIGTERM handler")?;
+    server::serve(coord, listener, async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
     })
     .await?;
     tracing::info!("coordinator stopped");

@@ -1,15 +1,19 @@
 //! `jepa-worker`: trains EC-IJEPA with libtorch, alone or for a coordinator.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use jepa_common::spec::RunSpec;
+use jepa_common::duration::parse_duration;
+use jepa_common::spec::{RunSpec, SpecError};
 use jepa_common::spec_override::set_field;
 use jepa_common::telemetry::{self, LogFormat};
 use jepa_worker::collective::SingleRank;
+use jepa_worker::daemon::{self, attempt::EXIT_INVALID_SPEC, resources};
 use jepa_worker::data::{open_source, Split};
 use jepa_worker::runtime::{self, CudaLoad};
 use jepa_worker::train::eval::{self, Features};
@@ -94,6 +98,9 @@ enum Command {
         /// Metrics as JSON lines even on a terminal.
         #[arg(long)]
         json: bool,
+        /// libtorch CPU threads; libtorch's default (one per core) when absent.
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Scores frozen features with the linear probe of the spec's `eval`.
     Probe {
@@ -102,25 +109,142 @@ enum Command {
         /// What to probe.
         #[arg(long, value_enum, default_value = "checkpoint")]
         features: ProbeFeatures,
-        /// Checkpoint record for `--features checkpoint`.
+        /// Checkpoint for `--features checkpoint`: a record (`.json`) or a
+        /// downloaded weight file (`.safetensors`).
         #[arg(long)]
         checkpoint: Option<PathBuf>,
     },
     /// Times full training steps: images/s, step time, model FLOPs, MFU.
     Bench(jepa_worker::bench::BenchArgs),
+    /// Serves a coordinator: registers this host's resources and runs the
+    /// trainers of the attempts it is assigned.
+    Daemon(DaemonArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Options of `jepa-worker daemon`.
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    /// Address of the coordinator.
+    #[arg(long, env = "JEPA_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Unique name of this daemon; the host name by default. Daemons that
+    /// share a host need distinct names.
+    #[arg(long)]
+    name: Option<String>,
+    /// Address other hosts reach this daemon on (for multi-host runs).
+    #[arg(long, default_value = "")]
+    address: String,
+    /// Folder for the attempts' specs, checkpoints and logs;
+    /// `.data/worker-<name>` by default.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// CPU slots to offer, one CPU rank each; one per 8 cores by default.
+    #[arg(long)]
+    cpu_slots: Option<u32>,
+    /// CUDA devices to offer: all, none, or indices such as 0,1.
+    #[arg(long, default_value = "all")]
+    gpus: String,
+    /// Time a stopped trainer gets to write a final checkpoint before it is
+    /// killed, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Interval of metric flushes to the coordinator, e.g. 1s.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    metrics_flush: Duration,
+    /// Emit logs as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(LogFormat::Text, "info");
-    match cli.command {
+    let format = match &cli.command {
+        Command::Daemon(args) if args.log_json => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    telemetry::init(format, "info");
+    let result = match cli.command {
         Command::Info { device } => info(&device),
-        Command::Train { spec, out, resume, keep_checkpoints, json } => {
-            train(&spec, out, resume, keep_checkpoints, json)
+        Command::Train { spec, out, resume, keep_checkpoints, json, threads } => {
+            train(&spec, out, resume, keep_checkpoints, json, threads)
         }
         Command::Probe { spec, features, checkpoint } => probe(&spec, features, checkpoint),
         Command::Bench(args) => jepa_worker::bench::run_cli(&args),
+        Command::Daemon(args) => run_daemon(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            // The daemon does not retry a run whose spec is refused.
+            if err.chain().any(|cause| cause.downcast_ref::<SpecError>().is_some()) {
+                ExitCode::from(u8::try_from(EXIT_INVALID_SPEC).unwrap_or(2))
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
+}
+
+fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let name = match args.name {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".to_string()),
+    };
+    let cores = resources::cpu_cores();
+    let gpus = resources::select_gpus(&args.gpus, resources::cuda_devices())
+        .map_err(anyhow::Error::msg)?;
+    let cpu_slots = args.cpu_slots.unwrap_or_else(|| resources::default_cpu_slots(cores));
+    anyhow::ensure!(
+        cpu_slots > 0 || !gpus.is_empty(),
+        "--cpu-slots 0 with no CUDA device offers nothing; allowed: at least 1 slot, or GPUs"
+    );
+    let config = daemon::DaemonConfig {
+        coordinator: args.coordinator,
+        work_dir: args.work_dir.unwrap_or_else(|| PathBuf::from(format!(".data/worker-{name}"))),
+        name,
+        address: args.address,
+        cpu_slots,
+        memory_bytes: resources::memory_bytes(),
+        trainer_threads: resources::threads_per_trainer(cores, cpu_slots, gpus.len()),
+        gpus,
+        trainer: std::env::current_exe().context("cannot find this executable")?,
+        grace: args.grace,
+        metrics_flush: args.metrics_flush,
+    };
+    tracing::info!(
+        name = %config.name,
+        coordinator = %config.coordinator,
+        work_dir = %config.work_dir.display(),
+        cpu_slots = config.cpu_slots,
+        gpus = config.gpus.len(),
+        trainer_threads = config.trainer_threads,
+        "worker daemon starting"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("failed to install the SIGTERM handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::info!("shutdown requested");
+            let _ = stop.send(true);
+        });
+        daemon::run(config, stopped).await
+    })
 }
 
 /// Reports the libtorch set-up and proves it computes: a 2-layer MLP forward
@@ -156,8 +280,13 @@ fn train(
     resume: Option<String>,
     keep_checkpoints: usize,
     json: bool,
+    threads: Option<usize>,
 ) -> anyhow::Result<()> {
     let spec = args.load()?;
+    if let Some(threads) = threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
+    }
     let device = runtime::select_device(&spec.resources.device)?;
     let out_dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
     let resume = match resume.as_deref() {
@@ -165,7 +294,7 @@ fn train(
         Some("auto") => checkpoint::latest(&out_dir.join("checkpoints")),
         Some(path) => Some(PathBuf::from(path)),
     };
-    let crash_at_step = std::env::var("JEPA_FAULT_CRASH_AT_STEP").ok().and_then(|v| v.parse().ok());
+    let crash_at_step = injected_crash_step()?;
     let options = TrainOptions {
         device,
         out_dir,
@@ -181,11 +310,57 @@ fn train(
             .context("failed to install the signal handler")?;
     }
     let mut sink = metrics::stdout_sink(json, spec.schedule.steps);
+    if let Some(delay) = injected_step_delay()? {
+        sink = Box::new(Paced { inner: sink, delay });
+    }
     tracing::info!(run = %spec.name, device = ?device, steps = spec.schedule.steps, "training started");
     let mut trainer = Trainer::new(spec, options, Box::new(SingleRank))?;
     let summary = trainer.run(sink.as_mut(), &stop)?;
     tracing::info!(step = summary.step, interrupted = summary.interrupted, "training ended");
     Ok(())
+}
+
+/// The fault-injection step of `JEPA_FAULT_CRASH_AT_STEP`: `STEP` crashes
+/// every attempt at that step, `STEP@N` only attempt N (the daemon passes
+/// the attempt number in `JEPA_ATTEMPT`), so a restart can succeed.
+fn injected_crash_step() -> anyhow::Result<Option<u64>> {
+    let Ok(text) = std::env::var("JEPA_FAULT_CRASH_AT_STEP") else { return Ok(None) };
+    let bad = || format!("JEPA_FAULT_CRASH_AT_STEP={text:?} is not STEP or STEP@ATTEMPT");
+    let (step, only) = match text.split_once('@') {
+        Some((step, attempt)) => (step, Some(attempt.trim().parse::<u32>().with_context(bad)?)),
+        None => (text.as_str(), None),
+    };
+    let step: u64 = step.trim().parse().with_context(bad)?;
+    let attempt: Option<u32> = std::env::var("JEPA_ATTEMPT").ok().and_then(|a| a.parse().ok());
+    Ok(match only {
+        Some(only) if attempt != Some(only) => None,
+        _ => Some(step),
+    })
+}
+
+/// `JEPA_FAULT_SLOW_STEP_MS`: a pause after every logged step, to make a
+/// tiny run last long enough for tests to cancel or kill it mid-training.
+fn injected_step_delay() -> anyhow::Result<Option<Duration>> {
+    let Ok(text) = std::env::var("JEPA_FAULT_SLOW_STEP_MS") else { return Ok(None) };
+    let ms: u64 = text.trim().parse().with_context(|| {
+        format!("JEPA_FAULT_SLOW_STEP_MS={text:?} is not a number of milliseconds")
+    })?;
+    Ok(Some(Duration::from_millis(ms)))
+}
+
+/// Passes events on and pauses after each step report.
+struct Paced {
+    inner: Box<dyn metrics::Sink>,
+    delay: Duration,
+}
+
+impl metrics::Sink for Paced {
+    fn emit(&mut self, event: &metrics::Event) {
+        self.inner.emit(event);
+        if matches!(event, metrics::Event::Step { .. }) {
+            std::thread::sleep(self.delay);
+        }
+    }
 }
 
 fn probe(
@@ -204,7 +379,8 @@ fn probe(
             let device = runtime::select_device(&spec.resources.device)?;
             let resume = match features {
                 ProbeFeatures::Checkpoint => Some(
-                    checkpoint_path.context("--features checkpoint needs --checkpoint RECORD")?,
+                    checkpoint_path
+                        .context("--features checkpoint needs --checkpoint RECORD|WEIGHTS")?,
                 ),
                 _ => None,
             };

@@ -175,19 +175,19 @@ mod tests {
     fn flags_apply_over_the_file_and_set_wins_last() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.toml");
-        std::fs::write(&path, "name = \"from-file\"\n[schedule]\nsteps = 77\n").unwrap();
+        std::fs::write(&path, "name = \"from-file\"\n[schedule]\nsteps = 770\n").unwrap();
         let args = SpecArgs {
             config: Some(path),
             context_scale: Some("0.65:1.0".into()),
             conditioning: Some("none".into()),
-            set: vec!["schedule.steps=90".into()],
+            set: vec!["schedule.steps=900".into()],
             ..Default::default()
         };
         let spec = args.build().unwrap();
         assert_eq!(spec.name, "from-file");
         assert_eq!(spec.mask.context_scale, [0.65, 1.0]);
         assert_eq!(spec.conditioning.kind, Conditioning::None);
-        assert_eq!(spec.schedule.steps, 90);
+        assert_eq!(spec.schedule.steps, 900);
     }
 
     #[test]

@@ -436,6 +436,24 @@ fn restore(
     world: usize,
     strict: bool,
 ) -> anyhow::Result<u64> {
+    if record_path.extension().is_some_and(|e| e == "safetensors") {
+        // A bare weight file, e.g. one downloaded with `jepactl checkpoints
+        // download`: its checksum was verified by the download, and it has
+        // no record to check the spec against, so it serves evaluation only.
+        if strict {
+            bail!(
+                "resuming needs the checkpoint's JSON record beside the weights, not the bare file {}",
+                record_path.display()
+            );
+        }
+        let tensors: HashMap<String, Tensor> =
+            Tensor::read_safetensors(record_path)?.into_iter().collect();
+        copy_into(model.var_store().variables(), &tensors)?;
+        copy_into(model.target_var_store().variables(), &tensors)?;
+        let step = tensors.get("optim.steps").map_or(0, |t| t.int64_value(&[0]));
+        tracing::info!(step, path = %record_path.display(), "loaded weights");
+        return Ok(u64::try_from(step).unwrap_or(0));
+    }
     let (record, tensors) = checkpoint::read(record_path)?;
     if strict && record.spec_hash != spec.spec_hash() {
         bail!(

@@ -1,0 +1,607 @@
+//! One attempt of one run on this daemon: fetch the resume checkpoint,
+//! start the trainer process, forward its metrics and checkpoints, stop it
+//! when asked, and report how it ended.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jepa_common::proto::{self, RunState};
+use jepa_common::series;
+use jepa_common::spec::RunSpec;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::transfer::{self, Upload};
+use super::Context;
+use crate::train::metrics::Event;
+
+/// Exit status of a trainer refused because its spec is invalid; another
+/// attempt would fail the same way.
+pub const EXIT_INVALID_SPEC: i32 = 2;
+
+/// Lines of the trainer's stderr kept for a failure message.
+const TAIL_LINES: usize = 8;
+
+/// Points buffered before a flush is forced; the coordinator takes 10,000
+/// per call.
+const FLUSH_POINTS: usize = 2_000;
+
+/// Points kept while the coordinator is unreachable; older ones are
+/// dropped beyond this.
+const MAX_BUFFERED_POINTS: usize = 200_000;
+
+/// Why an attempt is being stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopKind {
+    /// The coordinator asked (a cancel, or the run moved): confirm with
+    /// CANCELLED.
+    Requested(String),
+    /// The daemon is shutting down: report FAILED, retryable, so the run is
+    /// placed elsewhere at once.
+    Shutdown,
+    /// The coordinator already ended the attempt (the lease was lost):
+    /// report nothing.
+    Abandon,
+}
+
+/// How an attempt ended, as reported to the coordinator.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    state: RunState,
+    message: String,
+    retryable: bool,
+}
+
+impl Outcome {
+    fn failed(message: impl Into<String>, retryable: bool) -> Self {
+        Outcome { state: RunState::Failed, message: message.into(), retryable }
+    }
+}
+
+/// Runs one attempt to its end and reports the final state.
+pub async fn run(
+    ctx: Arc<Context>,
+    assignment: proto::Assignment,
+    stop: watch::Receiver<Option<StopKind>>,
+) {
+    let run_id = assignment.run_id.clone();
+    let attempt = assignment.attempt;
+    let outcome = supervise(&ctx, &assignment, stop).await;
+    let Some(outcome) = outcome else {
+        tracing::info!(run = %run_id, attempt, "attempt abandoned");
+        return;
+    };
+    tracing::info!(run = %run_id, attempt, state = ?outcome.state, message = %outcome.message, "attempt ended");
+    ctx.report(&run_id, attempt, outcome.state, &outcome.message, outcome.retryable).await;
+}
+
+async fn supervise(
+    ctx: &Arc<Context>,
+    assignment: &proto::Assignment,
+    mut stop: watch::Receiver<Option<StopKind>>,
+) -> Option<Outcome> {
+    let run_id = &assignment.run_id;
+    let attempt = assignment.attempt;
+    let spec = match assignment.spec.clone().map(RunSpec::try_from) {
+        Some(Ok(spec)) => spec,
+        Some(Err(err)) => return Some(Outcome::failed(format!("invalid spec: {err}"), false)),
+        None => return Some(Outcome::failed("the assignment carries no spec", false)),
+    };
+    // Limitation: one rank per attempt until the data-parallel backends
+    // exist; a multi-rank assignment fails without retry.
+    if assignment.world_size != 1 || assignment.ranks.len() != 1 {
+        let message = format!(
+            "this worker trains one rank per run; the run asks for {} ranks",
+            assignment.world_size
+        );
+        return Some(Outcome::failed(message, false));
+    }
+    let slot = &assignment.ranks[0];
+    let dir = ctx.config.work_dir.join("runs").join(run_id).join(format!("attempt-{attempt}"));
+    if let Err(err) = prepare_dir(&dir, &spec).await {
+        return Some(Outcome::failed(format!("cannot prepare {}: {err:#}", dir.display()), true));
+    }
+
+    let resume = match &assignment.resume_from {
+        Some(info) => {
+            let mut user = ctx.user.clone();
+            let world = spec.resources.ranks as usize;
+            let resume_dir = dir.join("resume");
+            match transfer::download(&mut user, info, spec.seed, world, &resume_dir).await {
+                Ok(path) => {
+                    tracing::info!(run = %run_id, step = info.step, "resume checkpoint fetched");
+                    Some(path)
+                }
+                Err(err) => {
+                    return Some(Outcome::failed(
+                        format!("cannot fetch the resume checkpoint: {err:#}"),
+                        true,
+                    ))
+                }
+            }
+        }
+        None => None,
+    };
+
+    let device = slot.gpu_index.map_or_else(|| "cpu".to_string(), |i| format!("cuda:{i}"));
+    let mut child = match spawn_trainer(ctx, &dir, resume.as_deref(), &device, assignment) {
+        Ok(child) => child,
+        Err(err) => return Some(Outcome::failed(format!("cannot start the trainer: {err}"), true)),
+    };
+    tracing::info!(run = %run_id, attempt, pid = child.id(), %device, "trainer started");
+    if ctx.report_running(run_id, attempt).await == Reply::Stale {
+        let _ = child.kill().await;
+        return None;
+    }
+
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let log_path = dir.join("trainer.log");
+    let tail = tokio::spawn(collect_stderr(stderr, log_path));
+
+    let (upload_tx, upload_rx) = mpsc::unbounded_channel();
+    let uploader = tokio::spawn(upload_loop(Arc::clone(ctx), run_id.clone(), attempt, upload_rx));
+
+    let mut lines = BufReader::new(stdout).lines();
+    let mut points: Vec<proto::MetricPoint> = Vec::new();
+    let mut flush = tokio::time::interval(ctx.config.metrics_flush);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping: Option<StopKind> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut done: Option<bool> = None;
+    let mut stale = false;
+    let mut stdout_open = true;
+
+    let status: ExitStatus = loop {
+        tokio::select! {
+            line = lines.next_line(), if stdout_open => match line {
+                Ok(Some(line)) => {
+                    match serde_json::from_str::<Event>(&line) {
+                        Ok(event) => {
+                            if let Event::Done { interrupted, .. } = event {
+                                done = Some(interrupted);
+                            }
+                            if let Event::Checkpoint { path, step, .. } = &event {
+                                if stopping.is_none() {
+                                    match Upload::open(Path::new(path)) {
+                                        Ok(upload) => { let _ = upload_tx.send(upload); }
+                                        Err(err) => tracing::warn!(step, error = %format!("{err:#}"), "checkpoint not uploaded"),
+                                    }
+                                }
+                            }
+                            points.extend(event_points(&event));
+                        }
+                        Err(_) => tracing::debug!(%line, "trainer printed a non-event line"),
+                    }
+                    if points.len() >= FLUSH_POINTS && !stale {
+                        stale = ctx.send_metrics(run_id, attempt, &mut points).await == Reply::Stale;
+                    }
+                }
+                Ok(None) | Err(_) => stdout_open = false,
+            },
+            _ = flush.tick() => {
+                if !points.is_empty() && !stale {
+                    stale = ctx.send_metrics(run_id, attempt, &mut points).await == Reply::Stale;
+                }
+                if stale && stopping.is_none() {
+                    tracing::info!(run = %run_id, attempt, "the coordinator ended this attempt; stopping");
+                    stopping = Some(StopKind::Abandon);
+                    signal(&child, libc::SIGTERM);
+                    kill_at = Some(Instant::now() + ctx.config.grace);
+                }
+            },
+            changed = stop.changed(), if stopping.is_none() => {
+                let kind = if changed.is_ok() { stop.borrow().clone() } else { Some(StopKind::Shutdown) };
+                if let Some(kind) = kind {
+                    tracing::info!(run = %run_id, attempt, ?kind, "stopping the trainer");
+                    stopping = Some(kind);
+                    signal(&child, libc::SIGTERM);
+                    kill_at = Some(Instant::now() + ctx.config.grace);
+                }
+            },
+            _ = sleep_until(kill_at) => {
+                tracing::warn!(run = %run_id, attempt, grace = ?ctx.config.grace, "trainer outlived its grace period; killing it");
+                let _ = child.start_kill();
+                kill_at = None;
+            },
+            status = child.wait() => match status {
+                Ok(status) => break status,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot wait for the trainer");
+                    let _ = child.start_kill();
+                }
+            },
+        }
+    };
+    // Lines still in the pipe after the exit.
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Ok(event) = serde_json::from_str::<Event>(&line) {
+            if let Event::Done { interrupted, .. } = event {
+                done = Some(interrupted);
+            }
+            points.extend(event_points(&event));
+        }
+    }
+    let tail = tail.await.unwrap_or_default();
+
+    if matches!(stopping, Some(StopKind::Abandon)) {
+        uploader.abort();
+        return None;
+    }
+    if !stale && !points.is_empty() {
+        ctx.send_metrics(run_id, attempt, &mut points).await;
+    }
+    // Every checkpoint is committed before the final report, so a resumed
+    // attempt always finds the newest one.
+    drop(upload_tx);
+    if stopping.is_some() {
+        uploader.abort();
+    } else {
+        let _ = uploader.await;
+    }
+    Some(outcome_of(stopping, status, done, &tail))
+}
+
+/// Decides the final report from why the trainer stopped and how it exited.
+fn outcome_of(
+    stopping: Option<StopKind>,
+    status: ExitStatus,
+    done: Option<bool>,
+    tail: &VecDeque<String>,
+) -> Outcome {
+    match stopping {
+        Some(StopKind::Requested(reason)) => {
+            Outcome { state: RunState::Cancelled, message: reason, retryable: false }
+        }
+        Some(StopKind::Shutdown) => Outcome::failed("the worker daemon shut down", true),
+        Some(StopKind::Abandon) => Outcome::failed("abandoned", true),
+        None if status.success() && done == Some(false) => {
+            Outcome { state: RunState::Succeeded, message: String::new(), retryable: false }
+        }
+        None if status.success() => {
+            Outcome::failed(format!("trainer stopped early ({status}){}", tail_text(tail)), true)
+        }
+        None => {
+            let retryable = status.code() != Some(EXIT_INVALID_SPEC);
+            Outcome::failed(format!("trainer failed ({status}){}", tail_text(tail)), retryable)
+        }
+    }
+}
+
+fn tail_text(tail: &VecDeque<String>) -> String {
+    if tail.is_empty() {
+        return String::new();
+    }
+    let text = tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n");
+    // The run's message is for people; keep its end, where the error is.
+    let start = text.len().saturating_sub(2_000);
+    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    format!(": {}", &text[start..])
+}
+
+/// The metric points of one trainer event, under the names of
+/// `jepa_common::series`.
+pub fn event_points(event: &Event) -> Vec<proto::MetricPoint> {
+    let now = now_ms();
+    let point = |name: &str, step: u64, value: f64| proto::MetricPoint {
+        series: name.to_string(),
+        step,
+        value,
+        wall_time_ms: now,
+    };
+    match *event {
+        Event::Step { step, loss, loss_avg, lr, wd, momentum, images_per_s, data_wait } => vec![
+            point(series::LOSS, step, loss),
+            point(series::LOSS_AVG, step, loss_avg),
+            point(series::LR, step, lr),
+            point(series::WEIGHT_DECAY, step, wd),
+            point(series::MOMENTUM, step, momentum),
+            point(series::IMAGES_PER_SEC, step, images_per_s),
+            point(series::DATA_WAIT, step, data_wait),
+        ],
+        Event::Rankme { step, value } => vec![point(series::RANKME, step, value)],
+        Event::Eval { step, top1, pooled_top1 } => {
+            let mut points = vec![point(series::PROBE_TOP1, step, top1)];
+            if let Some(pooled) = pooled_top1 {
+                points.push(point(series::POOLED_PROBE_TOP1, step, pooled));
+            }
+            points
+        }
+        Event::Start { .. } | Event::Checkpoint { .. } | Event::Done { .. } => Vec::new(),
+    }
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+async fn prepare_dir(dir: &Path, spec: &RunSpec) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    tokio::fs::write(dir.join("spec.toml"), spec.to_toml_string()).await?;
+    Ok(())
+}
+
+/// Starts `jepa-worker train` for the assignment's one rank. The trainer
+/// dies with the daemon: it gets SIGKILL when its parent exits.
+fn spawn_trainer(
+    ctx: &Context,
+    dir: &Path,
+    resume: Option<&Path>,
+    device: &str,
+    assignment: &proto::Assignment,
+) -> std::io::Result<Child> {
+    let mut command = Command::new(&ctx.config.trainer);
+    command
+        .arg("train")
+        .arg("--config")
+        .arg(dir.join("spec.toml"))
+        .arg("--json")
+        .arg("--out")
+        .arg(dir)
+        .arg("--device")
+        .arg(device)
+        .arg("--threads")
+        .arg(ctx.config.trainer_threads.to_string())
+        .env("JEPA_ATTEMPT", assignment.attempt.to_string())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(record) = resume {
+        command.arg("--resume").arg(record);
+    }
+    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (prctl, getppid, _exit); nothing allocates or locks.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+/// Copies the trainer's stderr to `trainer.log` and keeps its last lines.
+async fn collect_stderr(
+    stderr: tokio::process::ChildStderr,
+    log_path: PathBuf,
+) -> VecDeque<String> {
+    let mut log = tokio::fs::File::create(&log_path).await.ok();
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(file) = log.as_mut() {
+            let _ = file.write_all(line.as_bytes()).await;
+            let _ = file.write_all(b"\n").await;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    if let Some(file) = log.as_mut() {
+        let _ = file.flush().await;
+    }
+    tail
+}
+
+/// Uploads checkpoints one after another as the trainer writes them. A
+/// failed upload is retried a few times; the coordinator keeps the last
+/// committed one, so a lost upload only means a longer replay.
+async fn upload_loop(
+    ctx: Arc<Context>,
+    run_id: String,
+    attempt: u32,
+    mut uploads: mpsc::UnboundedReceiver<Upload>,
+) {
+    let mut client = ctx.workers.clone();
+    while let Some(upload) = uploads.recv().await {
+        let mut delay = Duration::from_millis(200);
+        for tries in 1..=5 {
+            match transfer::upload(&mut client, &ctx.worker_id, &run_id, attempt, &upload).await {
+                Ok(info) => {
+                    tracing::info!(run = %run_id, step = info.step, bytes = info.size_bytes, "checkpoint committed");
+                    break;
+                }
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(run = %run_id, step = upload.step, "attempt ended; checkpoint not uploaded");
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(run = %run_id, step = upload.step, tries, error = %status.message(), "checkpoint upload failed");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+}
+
+/// What the coordinator said to a report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Taken.
+    Ok,
+    /// The attempt is no longer current: stop it.
+    Stale,
+    /// Not delivered (the coordinator is away); try again later.
+    Retry,
+}
+
+impl Context {
+    async fn report_running(&self, run_id: &str, attempt: u32) -> Reply {
+        let request = proto::ReportRunStateRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: run_id.to_string(),
+            attempt,
+            state: RunState::Running as i32,
+            message: format!("training on {}", self.config.name),
+            retryable: false,
+        };
+        match self.workers.clone().report_run_state(request).await {
+            Ok(reply) if reply.get_ref().stop => Reply::Stale,
+            Ok(_) => Reply::Ok,
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => Reply::Stale,
+            Err(status) => {
+                tracing::warn!(run = %run_id, error = %status.message(), "RUNNING report not delivered");
+                Reply::Retry
+            }
+        }
+    }
+
+    /// Sends buffered points; on success the buffer is emptied. While the
+    /// coordinator is away the points stay buffered (the oldest are dropped
+    /// past a bound) and go with the next flush.
+    async fn send_metrics(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        points: &mut Vec<proto::MetricPoint>,
+    ) -> Reply {
+        let mut client = self.workers.clone();
+        while !points.is_empty() {
+            let take = points.len().min(10_000);
+            let request = proto::ReportMetricsRequest {
+                worker_id: self.worker_id.clone(),
+                run_id: run_id.to_string(),
+                attempt,
+                points: points[..take].to_vec(),
+            };
+            match client.report_metrics(request).await {
+                Ok(_) => {
+                    points.drain(..take);
+                }
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    points.clear();
+                    return Reply::Stale;
+                }
+                Err(status) => {
+                    tracing::warn!(run = %run_id, error = %status.message(), buffered = points.len(), "metrics not delivered; keeping them");
+                    if points.len() > MAX_BUFFERED_POINTS {
+                        let excess = points.len() - MAX_BUFFERED_POINTS;
+                        points.drain(..excess);
+                    }
+                    return Reply::Retry;
+                }
+            }
+        }
+        Reply::Ok
+    }
+
+    /// Reports a final state, retrying while the coordinator is away (up to
+    /// about a minute); a stale attempt needs no report.
+    async fn report(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        state: RunState,
+        message: &str,
+        retryable: bool,
+    ) {
+        let request = proto::ReportRunStateRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: run_id.to_string(),
+            attempt,
+            state: state as i32,
+            message: message.to_string(),
+            retryable,
+        };
+        let mut delay = Duration::from_millis(250);
+        for _ in 0..10 {
+            match self.workers.clone().report_run_state(request.clone()).await {
+                Ok(_) => return,
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => return,
+                Err(status) => {
+                    tracing::warn!(run = %run_id, error = %status.message(), "final report not delivered; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        tracing::error!(run = %run_id, attempt, "final report lost; the coordinator will requeue the run when the lease ends");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn step_events_become_the_coordinator_series() {
+        let event = Event::Step {
+            step: 20,
+            loss: 0.5,
+            loss_avg: 0.6,
+            lr: 1e-3,
+            wd: 0.04,
+            momentum: 0.996,
+            images_per_s: 300.0,
+            data_wait: 0.1,
+        };
+        let points = event_points(&event);
+        let loss = points.iter().find(|p| p.series == series::LOSS).unwrap();
+        assert_eq!((loss.step, loss.value), (20, 0.5));
+        let ips = points.iter().find(|p| p.series == series::IMAGES_PER_SEC).unwrap();
+        assert_eq!(ips.value, 300.0);
+        assert_eq!(points.len(), 7);
+        let eval = Event::Eval { step: 40, top1: 0.7, pooled_top1: None };
+        let points = event_points(&eval);
+        assert_eq!(points.len(), 1);
+        assert_eq!((points[0].series.as_str(), points[0].value), (series::PROBE_TOP1, 0.7));
+    }
+
+    #[test]
+    fn outcomes_follow_the_exit() {
+        let ok = ExitStatus::from_raw(0);
+        let crashed = ExitStatus::from_raw(1 << 8);
+        let bad_spec = ExitStatus::from_raw(EXIT_INVALID_SPEC << 8);
+        let tail: VecDeque<String> = ["a".to_string(), "Error: injected fault".to_string()].into();
+        assert_eq!(outcome_of(None, ok, Some(false), &tail).state, RunState::Succeeded);
+        let failed = outcome_of(None, crashed, None, &tail);
+        assert_eq!(failed.state, RunState::Failed);
+        assert!(failed.retryable);
+        assert!(failed.message.ends_with("a\nError: injected fault"), "{}", failed.message);
+        assert!(!outcome_of(None, bad_spec, None, &tail).retryable);
+        let interrupted = outcome_of(None, ok, Some(true), &tail);
+        assert_eq!(interrupted.state, RunState::Failed);
+        let cancelled =
+            outcome_of(Some(StopKind::Requested("by user".into())), ok, Some(true), &tail);
+        assert_eq!(cancelled.state, RunState::Cancelled);
+        assert_eq!(cancelled.message, "by user");
+        let shutdown = outcome_of(Some(StopKind::Shutdown), ok, Some(true), &tail);
+        assert!(shutdown.retryable);
+    }
+}
