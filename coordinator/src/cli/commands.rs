@@ -5,12 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use jepa_common::proto::{self, download_checkpoint_response::Part};
-use jepa_common::spec::RunSpec;
 use sha2::{Digest, Sha256};
 
 use super::output::{self, print_checkpoints, print_run, print_runs, print_workers};
-use super::submit::parse_axis;
-use super::{connect, CheckpointAction, Cli, Command, MetricsFormat, Output, SweepAction};
+use super::{connect, CheckpointAction, Cli, Command, MetricsFormat, Output};
 
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -102,7 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_workers(&reply.into_inner().workers, json);
         }
         Command::Checkpoints { action } => checkpoints(address, action, json).await?,
-        Command::Sweep { action } => sweep(address, action, json).await?,
+        Command::Sweep(command) => super::sweep::run(address, *command, json).await?,
         Command::Version => {
             let channel = super::channel(address).await?;
             let mut client = proto::system_client::SystemClient::new(channel);
@@ -154,59 +152,6 @@ async fn checkpoints(address: &str, action: CheckpointAction, json: bool) -> any
                 bytes.len(),
                 info.step
             );
-        }
-    }
-    Ok(())
-}
-
-async fn sweep(address: &str, action: SweepAction, json: bool) -> anyhow::Result<()> {
-    match action {
-        SweepAction::Submit { sweep_name, spec, axes } => {
-            let base: RunSpec = spec.build()?;
-            let axes = axes.iter().map(|a| parse_axis(a)).collect::<anyhow::Result<Vec<_>>>()?;
-            let request = proto::SubmitSweepRequest {
-                name: sweep_name,
-                base: Some(proto::RunSpec::from(&base)),
-                axes,
-                min_gpu_memory_bytes: spec.min_gpu_memory_bytes(),
-            };
-            let sweep = connect(address)
-                .await?
-                .submit_sweep(request)
-                .await?
-                .into_inner()
-                .sweep
-                .context("empty reply")?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "id": sweep.id, "name": sweep.name, "run_ids": sweep.run_ids })
-                );
-            } else {
-                println!(
-                    "submitted {} ({} runs): {}",
-                    sweep.id,
-                    sweep.run_ids.len(),
-                    sweep.run_ids.join(" ")
-                );
-            }
-        }
-        SweepAction::Get { sweep_id } => {
-            let reply = connect(address)
-                .await?
-                .get_sweep(proto::GetSweepRequest { sweep_id })
-                .await?
-                .into_inner();
-            let sweep = reply.sweep.context("empty reply")?;
-            if !json {
-                let axes: Vec<String> = sweep
-                    .axes
-                    .iter()
-                    .map(|a| format!("{}={}", a.field, a.values.join(",")))
-                    .collect();
-                println!("{} {}: {}", sweep.id, sweep.name, axes.join(" x "));
-            }
-            print_runs(&reply.runs, "", json);
         }
     }
     Ok(())

@@ -7,7 +7,9 @@
 
 mod commands;
 pub mod output;
+pub mod plot;
 pub mod submit;
+pub mod sweep;
 mod watch;
 
 use std::process::ExitCode;
@@ -138,12 +140,10 @@ pub enum Command {
         #[command(subcommand)]
         action: CheckpointAction,
     },
-    /// Submits or shows a sweep.
-    Sweep {
-        /// What to do.
-        #[command(subcommand)]
-        action: SweepAction,
-    },
+    /// Submits a sweep from flags, or shows, reports or cancels one:
+    /// `jepactl sweep --context-scale 0.4:1.0,0.85:1.0 --conditioning none,ec
+    /// --seeds 0,1`, `jepactl sweep status ID`, `jepactl sweep report ID`.
+    Sweep(Box<sweep::SweepCommand>),
     /// Prints the versions of this client and of the coordinator.
     Version,
     /// Prints a shell completion script.
@@ -171,29 +171,6 @@ pub enum CheckpointAction {
         /// File to write; `<run>-<step>.ckpt` by default.
         #[arg(long, short = 'f')]
         file: Option<std::path::PathBuf>,
-    },
-}
-
-/// Sweep subcommands.
-#[derive(Debug, Subcommand)]
-pub enum SweepAction {
-    /// Submits one run per point of the axes' cartesian product.
-    Submit {
-        /// Name of the sweep; runs are named `<name>-<index>`.
-        #[arg(value_name = "NAME")]
-        sweep_name: String,
-        /// The base spec and its overrides.
-        #[command(flatten)]
-        spec: Box<SpecArgs>,
-        /// An axis, `FIELD=V1,V2,...` (repeatable), e.g.
-        /// `mask.context_scale=0.4:1.0,0.65:1.0,0.85:1.0`.
-        #[arg(long = "axis", required = true)]
-        axes: Vec<String>,
-    },
-    /// Shows a sweep and its runs.
-    Get {
-        /// Sweep id, e.g. swp-000001.
-        sweep_id: String,
     },
 }
 

@@ -23,6 +23,7 @@ mod load;
 pub mod metrics;
 pub mod rendezvous;
 pub mod runs;
+pub mod sweeps;
 pub mod workers;
 
 use std::cmp::Reverse;
@@ -437,7 +438,10 @@ impl State {
         let mut run = self.runs.get(&seq)?.run.clone();
         if run.state == proto::RunState::Pending as i32 {
             let reason = run.request.as_ref().and_then(|r| self.reasons.get(&runs::shape(r)));
-            run.pending_reason = reason.cloned().unwrap_or_default();
+            run.pending_reason = match self.sweep_limit_reached(&run) {
+                Some((sweep_id, limit)) => sweeps::sweep_limit_reason(&sweep_id, limit),
+                None => reason.cloned().unwrap_or_default(),
+            };
         }
         Some(run)
     }

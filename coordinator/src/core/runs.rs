@@ -120,6 +120,7 @@ impl Coordinator {
                 axes: req.axes.clone(),
                 run_ids,
                 created_ms: tx.now,
+                max_parallel: req.max_parallel,
             };
             tx.fx.batch.put(records::sweep_key(seq), records::encode(&sweep));
             tracing::info!(sweep_id = %sweep.id, runs = sweep.run_ids.len(), "sweep submitted");
@@ -340,9 +341,14 @@ impl Tx<'_> {
     fn place_in_order(&mut self, queue: &[u64], caps: &mut [Capacity]) -> bool {
         let mut placed = false;
         for &seq in queue {
-            let Some(req) = self.st.runs.get(&seq).and_then(|e| e.run.request) else {
+            let Some(entry) = self.st.runs.get(&seq) else { continue };
+            let Some(req) = entry.run.request else { continue };
+            // A trial of a sweep at its limit waits; the limit frees up when
+            // a trial ends, which also frees capacity and so brings a full
+            // scheduling pass.
+            if self.st.sweep_limit_reached(&entry.run).is_some() {
                 continue;
-            };
+            }
             // Capacity only shrinks during a pass (and between a full pass
             // and the next), so a shape that did not fit will not fit now.
             if self.st.reasons.contains_key(&shape(&req)) {

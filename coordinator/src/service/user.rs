@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::BoxStream;
+use crate::core::sweeps::sweep_state;
 use crate::core::{is_terminal, Coordinator, WatchItem};
 
 /// Messages a watch or download stream may buffer for a slow client.
@@ -52,7 +53,30 @@ impl UserService for UserApi {
         request: Request<proto::GetSweepRequest>,
     ) -> Result<Response<proto::GetSweepResponse>, Status> {
         let (sweep, runs) = self.coord.get_sweep(&request.into_inner().sweep_id)?;
-        Ok(Response::new(proto::GetSweepResponse { sweep: Some(sweep), runs }))
+        let (state, counts) = sweep_state(&runs);
+        Ok(Response::new(proto::GetSweepResponse {
+            sweep: Some(sweep),
+            runs,
+            state: state as i32,
+            counts: Some(counts),
+        }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        request: Request<proto::CancelSweepRequest>,
+    ) -> Result<Response<proto::CancelSweepResponse>, Status> {
+        let req = request.into_inner();
+        let (cancelled, state) = self.coord.cancel_sweep(&req.sweep_id, &req.reason).await?;
+        Ok(Response::new(proto::CancelSweepResponse { cancelled, state: state as i32 }))
+    }
+
+    async fn get_sweep_report(
+        &self,
+        request: Request<proto::GetSweepReportRequest>,
+    ) -> Result<Response<proto::GetSweepReportResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.coord.sweep_report(&req.sweep_id, &req.metric)?))
     }
 
     async fn get_run(

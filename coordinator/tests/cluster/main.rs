@@ -8,4 +8,5 @@ mod jepactl;
 mod lifecycle;
 mod persistence;
 mod scheduling;
+mod sweeps;
 mod system;

@@ -143,6 +143,7 @@ async fn sweeps_create_one_run_per_point() {
             axis("conditioning.kind", &["none", "ec"]),
         ],
         min_gpu_memory_bytes: 0,
+        max_parallel: 0,
     };
     let sweep =
         cluster.user.submit_sweep(request.clone()).await.unwrap().into_inner().sweep.unwrap();
