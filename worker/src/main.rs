@@ -12,11 +12,13 @@ use jepa_common::duration::parse_duration;
 use jepa_common::spec::{RunSpec, SpecError};
 use jepa_common::spec_override::set_field;
 use jepa_common::telemetry::{self, LogFormat};
-use jepa_worker::collective::SingleRank;
+use jepa_worker::collective::tcp::{RingConfig, RingListener, TcpRing};
+use jepa_worker::collective::{Collective, SingleRank};
 use jepa_worker::daemon::{self, attempt::EXIT_INVALID_SPEC, resources};
 use jepa_worker::data::{open_source, Split};
 use jepa_worker::runtime::{self, CudaLoad};
 use jepa_worker::train::eval::{self, Features};
+use jepa_worker::train::metrics::Sink as _;
 use jepa_worker::train::{self, checkpoint, metrics, TrainOptions, Trainer};
 use tch::{Kind, Tensor};
 
@@ -101,6 +103,9 @@ enum Command {
         /// libtorch CPU threads; libtorch's default (one per core) when absent.
         #[arg(long)]
         threads: Option<usize>,
+        /// Data parallelism: ranks, rank 0's address, and the ring's settings.
+        #[command(flatten)]
+        ranks: RankArgs,
     },
     /// Scores frozen features with the linear probe of the spec's `eval`.
     Probe {
@@ -119,6 +124,71 @@ enum Command {
     /// Serves a coordinator: registers this host's resources and runs the
     /// trainers of the attempts it is assigned.
     Daemon(DaemonArgs),
+}
+
+/// Where this trainer sits in a data-parallel run (the CPU ring backend).
+#[derive(Debug, Clone, clap::Args)]
+struct RankArgs {
+    /// This process's rank.
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    /// Ranks in all; must equal the spec's resources.ranks.
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// Rank 0's bootstrap address (host:port); ranks other than 0 need it.
+    #[arg(long)]
+    master: Option<std::net::SocketAddr>,
+    /// Address this rank listens on for its ring neighbour (port 0 picks a
+    /// free one); rank 0 prints it as a `listening` event.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: String,
+    /// Token of the attempt; peers with another token are refused.
+    #[arg(long, default_value = "")]
+    token: String,
+    /// Deadline of every collective operation, e.g. 300s: a rank that
+    /// hangs ends the attempt after it, a rank that dies at once.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    collective_timeout: Duration,
+}
+
+impl RankArgs {
+    /// Joins the ring (or stays alone with one rank), announcing rank 0's
+    /// listening address on stdout first.
+    fn collective(&self, spec: &RunSpec) -> anyhow::Result<Box<dyn Collective>> {
+        anyhow::ensure!(
+            self.world == spec.resources.ranks as usize,
+            "--world {} does not match the spec's resources.ranks {}",
+            self.world,
+            spec.resources.ranks
+        );
+        anyhow::ensure!(
+            self.rank < self.world,
+            "--rank {} must be below --world {}",
+            self.rank,
+            self.world
+        );
+        if self.world == 1 {
+            return Ok(Box::new(SingleRank));
+        }
+        anyhow::ensure!(
+            !spec.resources.is_cuda(),
+            "multi-rank CUDA runs need the NCCL backend, which this build does not have yet"
+        );
+        let listener = RingListener::bind(&self.bind)?;
+        if self.rank == 0 {
+            let address = listener.local_addr()?.to_string();
+            metrics::JsonLines.emit(&metrics::Event::Listening { address });
+        } else {
+            anyhow::ensure!(self.master.is_some(), "--rank {} needs --master HOST:PORT", self.rank);
+        }
+        let config = RingConfig {
+            rank: self.rank,
+            world: self.world,
+            token: self.token.clone(),
+            timeout: self.collective_timeout,
+        };
+        Ok(Box::new(TcpRing::connect(&config, listener, self.master)?))
+    }
 }
 
 /// Options of `jepa-worker daemon`.
@@ -165,8 +235,8 @@ fn main() -> ExitCode {
     telemetry::init(format, "info");
     let result = match cli.command {
         Command::Info { device } => info(&device),
-        Command::Train { spec, out, resume, keep_checkpoints, json, threads } => {
-            train(&spec, out, resume, keep_checkpoints, json, threads)
+        Command::Train { spec, out, resume, keep_checkpoints, json, threads, ranks } => {
+            train(&spec, out, resume, keep_checkpoints, json, threads, &ranks)
         }
         Command::Probe { spec, features, checkpoint } => probe(&spec, features, checkpoint),
         Command::Bench(args) => jepa_worker::bench::run_cli(&args),
@@ -281,6 +351,7 @@ fn train(
     keep_checkpoints: usize,
     json: bool,
     threads: Option<usize>,
+    ranks: &RankArgs,
 ) -> anyhow::Result<()> {
     let spec = args.load()?;
     if let Some(threads) = threads {
@@ -314,7 +385,8 @@ fn train(
         sink = Box::new(Paced { inner: sink, delay });
     }
     tracing::info!(run = %spec.name, device = ?device, steps = spec.schedule.steps, "training started");
-    let mut trainer = Trainer::new(spec, options, Box::new(SingleRank))?;
+    let collective = ranks.collective(&spec)?;
+    let mut trainer = Trainer::new(spec, options, collective)?;
     let summary = trainer.run(sink.as_mut(), &stop)?;
     tracing::info!(step = summary.step, interrupted = summary.interrupted, "training ended");
     Ok(())

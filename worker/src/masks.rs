@@ -488,19 +488,61 @@ impl MaskSampler {
             return Err(MaskError::Batch("batch size is 0".into()));
         }
         let sizes = self.block_sizes(step);
-        let m = self.config.num_targets;
-        let mut targets: Vec<Vec<Vec<i64>>> = vec![Vec::with_capacity(batch); m];
-        let mut context = Vec::with_capacity(batch);
+        let items = (0..batch)
+            .map(|_| self.sample_item(sizes, rng))
+            .collect::<Result<Vec<_>, MaskError>>()?;
+        self.collate(items)
+    }
 
-        for _ in 0..batch {
-            let mut rects = Vec::with_capacity(m);
-            for lists in targets.iter_mut() {
-                let (indices, rect) = self.place("target", sizes.target, &[], rng)?;
+    /// Like [`MaskSampler::sample`], with one generator per image: an
+    /// image's blocks depend only on the step and its own generator, so
+    /// data-parallel ranks that seed each image by its position in the
+    /// global batch draw what one rank with the whole batch would.
+    ///
+    /// # Errors
+    ///
+    /// As [`MaskSampler::sample`].
+    pub fn sample_each<R: Rng>(&self, step: u64, rngs: &mut [R]) -> Result<MaskBatch, MaskError> {
+        if rngs.is_empty() {
+            return Err(MaskError::Batch("batch size is 0".into()));
+        }
+        let sizes = self.block_sizes(step);
+        let items = rngs
+            .iter_mut()
+            .map(|rng| self.sample_item(sizes, rng))
+            .collect::<Result<Vec<_>, MaskError>>()?;
+        self.collate(items)
+    }
+
+    /// The target lists and the context list of one image.
+    fn sample_item<R: Rng>(
+        &self,
+        sizes: BlockSizes,
+        rng: &mut R,
+    ) -> Result<(Vec<Vec<i64>>, Vec<i64>), MaskError> {
+        let m = self.config.num_targets;
+        let mut rects = Vec::with_capacity(m);
+        let mut targets = Vec::with_capacity(m);
+        for _ in 0..m {
+            let (indices, rect) = self.place("target", sizes.target, &[], rng)?;
+            targets.push(indices);
+            rects.push(rect);
+        }
+        let (context, _) = self.place("context", sizes.context, &rects, rng)?;
+        Ok((targets, context))
+    }
+
+    /// Gathers per-image lists into a batch, cutting every list to the
+    /// shortest of its kind.
+    fn collate(&self, items: Vec<(Vec<Vec<i64>>, Vec<i64>)>) -> Result<MaskBatch, MaskError> {
+        let m = self.config.num_targets;
+        let mut targets: Vec<Vec<Vec<i64>>> = vec![Vec::with_capacity(items.len()); m];
+        let mut context = Vec::with_capacity(items.len());
+        for (item_targets, item_context) in items {
+            for (lists, indices) in targets.iter_mut().zip(item_targets) {
                 lists.push(indices);
-                rects.push(rect);
             }
-            let (indices, _) = self.place("context", sizes.context, &rects, rng)?;
-            context.push(indices);
+            context.push(item_context);
         }
 
         // Collation: every list is cut to the shortest of its kind.

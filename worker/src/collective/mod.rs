@@ -4,6 +4,8 @@
 
 use tch::Tensor;
 
+pub mod tcp;
+
 /// Errors of a collective operation.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {

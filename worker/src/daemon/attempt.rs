@@ -312,7 +312,10 @@ pub fn event_points(event: &Event) -> Vec<proto::MetricPoint> {
             }
             points
         }
-        Event::Start { .. } | Event::Checkpoint { .. } | Event::Done { .. } => Vec::new(),
+        Event::Start { .. }
+        | Event::Checkpoint { .. }
+        | Event::Listening { .. }
+        | Event::Done { .. } => Vec::new(),
     }
 }
 

@@ -64,6 +64,12 @@ pub enum Event {
         /// SHA-256 of the weight file.
         sha256: String,
     },
+    /// Rank 0 of a multi-rank run listens for its peers here (the daemon
+    /// publishes the address through the coordinator's rendezvous).
+    Listening {
+        /// `host:port` of the collective's bootstrap listener.
+        address: String,
+    },
     /// The run ended.
     Done {
         /// Steps completed.
@@ -133,6 +139,9 @@ impl Sink for Progress {
             }
             Event::Checkpoint { step, path, .. } => {
                 self.bar.println(format!("step {step}: checkpoint {path}"));
+            }
+            Event::Listening { address } => {
+                self.bar.println(format!("rank 0 listening on {address}"))
             }
             Event::Done { .. } => self.bar.finish(),
         }

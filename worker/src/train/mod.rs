@@ -176,9 +176,15 @@ impl Trainer {
                 options.strict_resume,
             )?;
         } else {
-            let mut all: Vec<Tensor> = model.var_store().variables().into_values().collect();
-            all.extend(model.target_var_store().variables().into_values());
-            collective.broadcast(&all.iter().collect::<Vec<_>>())?;
+            // By name: every rank must pass the tensors in the same order.
+            let mut all: Vec<(String, Tensor)> =
+                model.var_store().variables().into_iter().collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut target: Vec<(String, Tensor)> =
+                model.target_var_store().variables().into_iter().collect();
+            target.sort_by(|a, b| a.0.cmp(&b.0));
+            all.extend(target);
+            collective.broadcast(&all.iter().map(|(_, t)| t).collect::<Vec<_>>())?;
         }
 
         let loader = Loader::new(
@@ -241,10 +247,16 @@ impl Trainer {
 
         let batch = self.loader.next_batch()?;
         let images = batch.images_tensor(self.options.device);
-        let stream = step * self.collective.world() as u64 + self.collective.rank() as u64;
-        let mut rng =
-            rand_chacha::ChaCha8Rng::seed_from_u64(mix(mix(self.spec.seed, MASK_STREAM), stream));
-        let masks = self.sampler.sample(step, batch.batch_size, &mut rng)?;
+        // One mask generator per image, seeded by the image's position in
+        // the global batch, so any split over ranks draws the same masks.
+        let per_rank = batch.batch_size as u64;
+        let first =
+            (step * self.collective.world() as u64 + self.collective.rank() as u64) * per_rank;
+        let base = mix(self.spec.seed, MASK_STREAM);
+        let mut rngs: Vec<rand_chacha::ChaCha8Rng> = (first..first + per_rank)
+            .map(|position| rand_chacha::ChaCha8Rng::seed_from_u64(mix(base, position)))
+            .collect();
+        let masks = self.sampler.sample_each(step, &mut rngs)?;
 
         self.optim.zero_grad();
         let loss = self.model.loss(&images, &masks, true)?;
