@@ -162,3 +162,124 @@ fn a_killed_rank_ends_its_peer_quickly() {
     std::io::Read::read_to_string(&mut zero.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("collective"), "{stderr}");
 }
+
+/// The committed checkpoint of a run at `step`, downloaded through the API.
+async fn download(
+    user: &mut jepa_common::proto::user_service_client::UserServiceClient<
+        tonic::transport::Channel,
+    >,
+    run_id: &str,
+    step: u64,
+    to: &Path,
+) {
+    use jepa_common::proto::{self, download_checkpoint_response::Part};
+    let request = proto::DownloadCheckpointRequest { run_id: run_id.into(), step: Some(step) };
+    let mut stream = user.download_checkpoint(request).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        if let Some(Part::Chunk(chunk)) = message.part {
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    std::fs::write(to, bytes).unwrap();
+}
+
+fn largest_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for ((name_a, va), (name_b, vb)) in a.iter().zip(&b) {
+        assert_eq!((name_a, va.len()), (name_b, vb.len()));
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_train_a_two_rank_run_like_one_rank_on_the_doubled_batch() {
+    use jepa_common::proto::RunState;
+    use jepa_e2e::{is, start_worker, submit, wait_run, Coordinator, DEADLINE};
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&dir.path().join("coord"), "30s");
+    let _a = start_worker(&coord.url, "a", &dir.path().join("a"), &[]);
+    let _b = start_worker(&coord.url, "b", &dir.path().join("b"), &[]);
+    let mut user = coord.user().await;
+
+    let mut two = equivalence_spec(4, 2);
+    two.resources.hosts = 2;
+    let two_id = submit(&mut user, &two).await;
+    let one_id = submit(&mut user, &equivalence_spec(8, 1)).await;
+    for id in [&two_id, &one_id] {
+        let run = wait_run(&mut user, id, DEADLINE, |r| {
+            is(r, RunState::Succeeded) || is(r, RunState::Failed)
+        })
+        .await;
+        assert!(is(&run, RunState::Succeeded), "{id} failed: {}", run.message);
+    }
+    let run = jepa_e2e::get_run(&mut user, &two_id).await;
+    let placed: Vec<&str> =
+        run.attempts[0].placements.iter().map(|p| p.worker_id.as_str()).collect();
+    assert_eq!(placed.len(), 2, "one rank on each worker: {placed:?}");
+
+    let (a, b) = (dir.path().join("one.safetensors"), dir.path().join("two.safetensors"));
+    download(&mut user, &one_id, 6, &a).await;
+    download(&mut user, &two_id, 6, &b).await;
+    let worst = largest_difference(&a, &b);
+    println!("largest weight difference, daemons: {worst:e}");
+    assert!(worst < 1e-5, "2 ranks and 1 rank differ by {worst}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rank_ends_the_attempt_and_the_run_restarts_from_its_checkpoint() {
+    use jepa_common::proto::RunState;
+    use jepa_e2e::{
+        is, processes_mentioning, series, start_worker, submit, wait_run, Coordinator, DEADLINE,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&dir.path().join("coord"), "30s");
+    let slow = [("JEPA_FAULT_SLOW_STEP_MS", "100")];
+    let _a = start_worker(&coord.url, "a", &dir.path().join("a"), &slow);
+    let _b = start_worker(&coord.url, "b", &dir.path().join("b"), &slow);
+    let mut user = coord.user().await;
+
+    let mut spec = equivalence_spec(4, 2);
+    spec.resources.hosts = 2;
+    spec.schedule.steps = 60;
+    spec.schedule.checkpoint_every = 5;
+    spec.max_restarts = 1;
+    let id = submit(&mut user, &spec).await;
+    wait_run(&mut user, &id, DEADLINE, |r| r.last_checkpoint_step.unwrap_or(0) >= 10).await;
+    let marker = format!("{}", dir.path().display());
+    let rank1: Vec<u32> = processes_mentioning(&marker)
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter().any(|a| a == "train")
+                && args.windows(2).any(|w| w[0] == "--rank" && w[1] == "1")
+        })
+        .collect();
+    assert_eq!(rank1.len(), 1, "one rank-1 trainer: {rank1:?}");
+    let killed = Instant::now();
+    Command::new("kill").args(["-9", &rank1[0].to_string()]).status().unwrap();
+
+    let run = wait_run(&mut user, &id, DEADLINE, |r| r.attempts.len() >= 2).await;
+    let ended = killed.elapsed();
+    assert!(ended < Duration::from_secs(20), "the attempt ended after {ended:?}");
+    assert!(run.attempts[0].end_reason.contains("rank 1"), "{}", run.attempts[0].end_reason);
+    let run = wait_run(&mut user, &id, DEADLINE, |r| {
+        is(r, RunState::Succeeded) || is(r, RunState::Failed)
+    })
+    .await;
+    assert!(is(&run, RunState::Succeeded), "{}", run.message);
+    assert_eq!(run.restarts, 1);
+    let resumed = run.attempts[1].resume_step.expect("the second attempt resumed");
+    assert!(resumed >= 10 && resumed % 5 == 0, "resumed at {resumed}");
+    let loss = series(&mut user, &id, jepa_common::series::LOSS).await;
+    assert_eq!(loss.iter().map(|p| p.step).collect::<Vec<_>>(), (1..=60).collect::<Vec<_>>());
+}

@@ -221,6 +221,10 @@ struct DaemonArgs {
     /// Interval of metric flushes to the coordinator, e.g. 1s.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     metrics_flush: Duration,
+    /// Deadline of the trainers' collective operations in multi-rank runs,
+    /// e.g. 300s: a rank that hangs ends its attempt after it.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    collective_timeout: Duration,
     /// Emit logs as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -285,6 +289,7 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         trainer: std::env::current_exe().context("cannot find this executable")?,
         grace: args.grace,
         metrics_flush: args.metrics_flush,
+        collective_timeout: args.collective_timeout,
     };
     tracing::info!(
         name = %config.name,

@@ -3,6 +3,7 @@
 //! when asked, and report how it ended.
 
 use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -92,16 +93,16 @@ async fn supervise(
         Some(Err(err)) => return Some(Outcome::failed(format!("invalid spec: {err}"), false)),
         None => return Some(Outcome::failed("the assignment carries no spec", false)),
     };
-    // Limitation: one rank per attempt until the data-parallel backends
-    // exist; a multi-rank assignment fails without retry.
-    if assignment.world_size != 1 || assignment.ranks.len() != 1 {
-        let message = format!(
-            "this worker trains one rank per run; the run asks for {} ranks",
-            assignment.world_size
-        );
+    if assignment.ranks.is_empty() {
+        return Some(Outcome::failed("the assignment names no rank for this worker", false));
+    }
+    // Limitation: multi-rank CUDA runs need the NCCL backend, which is not
+    // built yet; they fail without retry.
+    if assignment.world_size > 1 && spec.resources.is_cuda() {
+        let message =
+            "multi-rank CUDA runs need the NCCL backend, which this worker does not have yet";
         return Some(Outcome::failed(message, false));
     }
-    let slot = &assignment.ranks[0];
     let dir = ctx.config.work_dir.join("runs").join(run_id).join(format!("attempt-{attempt}"));
     if let Err(err) = prepare_dir(&dir, &spec).await {
         return Some(Outcome::failed(format!("cannot prepare {}: {err:#}", dir.display()), true));
@@ -128,26 +129,87 @@ async fn supervise(
         None => None,
     };
 
-    let device = slot.gpu_index.map_or_else(|| "cpu".to_string(), |i| format!("cuda:{i}"));
-    let mut child = match spawn_trainer(ctx, &dir, resume.as_deref(), &device, assignment) {
-        Ok(child) => child,
-        Err(err) => return Some(Outcome::failed(format!("cannot start the trainer: {err}"), true)),
-    };
-    tracing::info!(run = %run_id, attempt, pid = child.id(), %device, "trainer started");
+    // Rank 0 first: it publishes its address, which the others wait for.
+    let mut slots = assignment.ranks.clone();
+    slots.sort_by_key(|slot| slot.rank);
+    let mut ranks = Ranks::default();
+    let mut lines = None;
+    let mut master: Option<String> = None;
+    for slot in &slots {
+        if slot.rank != 0 && master.is_none() {
+            match ctx.rendezvous_wait(run_id, attempt, slot.rank, &mut stop).await {
+                Some(address) => master = Some(address),
+                None => {
+                    ranks.signal(libc::SIGKILL);
+                    return None;
+                }
+            }
+        }
+        let rank_dir =
+            if slot.rank == 0 { dir.clone() } else { dir.join(format!("rank-{}", slot.rank)) };
+        let spawned = spawn_trainer(
+            ctx,
+            &TrainerArgs {
+                dir: &dir,
+                out: &rank_dir,
+                resume: resume.as_deref(),
+                slot,
+                world: assignment.world_size,
+                master: master.as_deref(),
+                token: &format!("{run_id}/{attempt}"),
+            },
+            attempt,
+        );
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(err) => {
+                ranks.signal(libc::SIGKILL);
+                return Some(Outcome::failed(format!("cannot start the trainer: {err}"), true));
+            }
+        };
+        tracing::info!(run = %run_id, attempt, rank = slot.rank, pid = child.id(), "trainer started");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log_name = if slot.rank == 0 {
+            "trainer.log".to_string()
+        } else {
+            format!("trainer-rank{}.log", slot.rank)
+        };
+        ranks.tails.push((slot.rank, tokio::spawn(collect_stderr(stderr, dir.join(log_name)))));
+        if slot.rank == 0 {
+            let mut reader = BufReader::new(stdout).lines();
+            if assignment.world_size > 1 {
+                // The first line of a multi-rank rank 0 is its address.
+                let address = read_listening(&mut reader).await;
+                let Some(address) = address else {
+                    ranks.add(slot.rank, child);
+                    break;
+                };
+                if ctx.rendezvous_publish(run_id, attempt, &address).await == Reply::Stale {
+                    let _ = child.start_kill();
+                    ranks.signal(libc::SIGKILL);
+                    return None;
+                }
+                master = Some(address);
+            }
+            lines = Some(reader);
+        } else {
+            // Other ranks report nothing; their stdout is drained.
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stdout).lines();
+                while let Ok(Some(_)) = reader.next_line().await {}
+            });
+        }
+        ranks.add(slot.rank, child);
+    }
     if ctx.report_running(run_id, attempt).await == Reply::Stale {
-        let _ = child.kill().await;
+        ranks.signal(libc::SIGKILL);
         return None;
     }
-
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let log_path = dir.join("trainer.log");
-    let tail = tokio::spawn(collect_stderr(stderr, log_path));
 
     let (upload_tx, upload_rx) = mpsc::unbounded_channel();
     let uploader = tokio::spawn(upload_loop(Arc::clone(ctx), run_id.clone(), attempt, upload_rx));
 
-    let mut lines = BufReader::new(stdout).lines();
     let mut points: Vec<proto::MetricPoint> = Vec::new();
     let mut flush = tokio::time::interval(ctx.config.metrics_flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,12 +217,12 @@ async fn supervise(
     let mut kill_at: Option<Instant> = None;
     let mut done: Option<bool> = None;
     let mut stale = false;
-    let mut stdout_open = true;
+    let mut failed_rank: Option<(u32, ExitStatus)> = None;
 
-    let status: ExitStatus = loop {
+    while ranks.running() > 0 {
         tokio::select! {
-            line = lines.next_line(), if stdout_open => match line {
-                Ok(Some(line)) => {
+            line = next_line(&mut lines) => match line {
+                Some(line) => {
                     match serde_json::from_str::<Event>(&line) {
                         Ok(event) => {
                             if let Event::Done { interrupted, .. } = event {
@@ -182,7 +244,7 @@ async fn supervise(
                         stale = ctx.send_metrics(run_id, attempt, &mut points).await == Reply::Stale;
                     }
                 }
-                Ok(None) | Err(_) => stdout_open = false,
+                None => lines = None,
             },
             _ = flush.tick() => {
                 if !points.is_empty() && !stale {
@@ -191,43 +253,51 @@ async fn supervise(
                 if stale && stopping.is_none() {
                     tracing::info!(run = %run_id, attempt, "the coordinator ended this attempt; stopping");
                     stopping = Some(StopKind::Abandon);
-                    signal(&child, libc::SIGTERM);
+                    ranks.signal(libc::SIGTERM);
                     kill_at = Some(Instant::now() + ctx.config.grace);
                 }
             },
             changed = stop.changed(), if stopping.is_none() => {
                 let kind = if changed.is_ok() { stop.borrow().clone() } else { Some(StopKind::Shutdown) };
                 if let Some(kind) = kind {
-                    tracing::info!(run = %run_id, attempt, ?kind, "stopping the trainer");
+                    tracing::info!(run = %run_id, attempt, ?kind, "stopping the trainers");
                     stopping = Some(kind);
-                    signal(&child, libc::SIGTERM);
+                    ranks.signal(libc::SIGTERM);
                     kill_at = Some(Instant::now() + ctx.config.grace);
                 }
             },
             _ = sleep_until(kill_at) => {
-                tracing::warn!(run = %run_id, attempt, grace = ?ctx.config.grace, "trainer outlived its grace period; killing it");
-                let _ = child.start_kill();
+                tracing::warn!(run = %run_id, attempt, grace = ?ctx.config.grace, "trainers outlived their grace period; killing them");
+                ranks.signal(libc::SIGKILL);
                 kill_at = None;
             },
-            status = child.wait() => match status {
-                Ok(status) => break status,
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot wait for the trainer");
-                    let _ = child.start_kill();
+            Some((rank, status)) = ranks.exits.recv() => {
+                ranks.exited(rank, status);
+                // A rank that fails takes the others down: without it their
+                // collectives cannot complete.
+                if !status.success() && failed_rank.is_none() && stopping.is_none() {
+                    failed_rank = Some((rank, status));
+                    ranks.signal(libc::SIGTERM);
+                    kill_at = Some(Instant::now() + ctx.config.grace);
                 }
             },
         }
-    };
-    // Lines still in the pipe after the exit.
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Ok(event) = serde_json::from_str::<Event>(&line) {
-            if let Event::Done { interrupted, .. } = event {
-                done = Some(interrupted);
+    }
+    // Lines still in rank 0's pipe after the exit.
+    if let Some(reader) = lines.as_mut() {
+        while let Ok(Some(line)) = reader.next_line().await {
+            if let Ok(event) = serde_json::from_str::<Event>(&line) {
+                if let Event::Done { interrupted, .. } = event {
+                    done = Some(interrupted);
+                }
+                points.extend(event_points(&event));
             }
-            points.extend(event_points(&event));
         }
     }
-    let tail = tail.await.unwrap_or_default();
+    let mut tails = Vec::new();
+    for (rank, tail) in ranks.tails.drain(..) {
+        tails.push((rank, tail.await.unwrap_or_default()));
+    }
 
     if matches!(stopping, Some(StopKind::Abandon)) {
         uploader.abort();
@@ -244,7 +314,113 @@ async fn supervise(
     } else {
         let _ = uploader.await;
     }
-    Some(outcome_of(stopping, status, done, &tail))
+    let holds_rank0 = slots.iter().any(|s| s.rank == 0);
+    let (rank, status) = failed_rank.unwrap_or_else(|| {
+        let first = ranks.statuses.first().copied().unwrap_or((0, ExitStatus::from_raw(0)));
+        ranks.statuses.iter().copied().find(|(_, s)| !s.success()).unwrap_or(first)
+    });
+    let tail = tails.iter().find(|(r, _)| *r == rank).map(|(_, t)| t.clone()).unwrap_or_default();
+    // Ranks other than 0 report no `done` event; their clean exit is the end.
+    let done = if holds_rank0 { done } else { Some(false) };
+    let mut outcome = outcome_of(stopping, status, done, &tail);
+    if assignment.world_size > 1 && outcome.state == RunState::Failed && failed_rank.is_some() {
+        outcome.message = format!("rank {rank}: {}", outcome.message);
+    }
+    Some(outcome)
+}
+
+/// The trainer processes of this worker's ranks of one attempt.
+#[derive(Default)]
+struct Ranks {
+    /// (rank, pid) of the processes not reaped yet.
+    pids: Vec<(u32, u32)>,
+    /// (rank, exit status) of the reaped ones.
+    statuses: Vec<(u32, ExitStatus)>,
+    /// Exits as their waiting tasks see them.
+    exits: RankExits,
+    /// Each rank's stderr collector.
+    tails: Vec<(u32, tokio::task::JoinHandle<VecDeque<String>>)>,
+}
+
+/// A channel of (rank, exit status), created on first use.
+struct RankExits {
+    sender: mpsc::UnboundedSender<(u32, ExitStatus)>,
+    receiver: mpsc::UnboundedReceiver<(u32, ExitStatus)>,
+}
+
+impl Default for RankExits {
+    fn default() -> Self {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        RankExits { sender, receiver }
+    }
+}
+
+impl RankExits {
+    async fn recv(&mut self) -> Option<(u32, ExitStatus)> {
+        self.receiver.recv().await
+    }
+}
+
+impl Ranks {
+    /// Takes a started process; a task reaps it and reports its exit.
+    fn add(&mut self, rank: u32, mut child: Child) {
+        if let Some(pid) = child.id() {
+            self.pids.push((rank, pid));
+        }
+        let sender = self.exits.sender.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => status,
+                Err(err) => {
+                    tracing::error!(rank, error = %err, "cannot wait for a trainer");
+                    let _ = child.start_kill();
+                    ExitStatus::from_raw(libc::SIGKILL)
+                }
+            };
+            let _ = sender.send((rank, status));
+        });
+    }
+
+    fn exited(&mut self, rank: u32, status: ExitStatus) {
+        self.pids.retain(|(r, _)| *r != rank);
+        self.statuses.push((rank, status));
+    }
+
+    fn running(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// Sends `sig` to every process not reaped yet.
+    fn signal(&self, sig: libc::c_int) {
+        for (_, pid) in &self.pids {
+            if let Ok(pid) = libc::pid_t::try_from(*pid) {
+                // SAFETY: kill(2) on a child that its task has not reaped.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+    }
+}
+
+/// The next line of rank 0's stdout, or never when there is none to read.
+async fn next_line(
+    lines: &mut Option<tokio::io::Lines<BufReader<tokio::process::ChildStdout>>>,
+) -> Option<String> {
+    match lines {
+        Some(reader) => reader.next_line().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads rank 0's first lines until its `listening` event.
+async fn read_listening(
+    reader: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) -> Option<String> {
+    while let Ok(Some(line)) = reader.next_line().await {
+        if let Ok(Event::Listening { address }) = serde_json::from_str::<Event>(&line) {
+            return Some(address);
+        }
+    }
+    None
 }
 
 /// Decides the final report from why the trainer stopped and how it exited.
@@ -331,47 +507,61 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
-    if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
 async fn prepare_dir(dir: &Path, spec: &RunSpec) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(dir).await?;
     tokio::fs::write(dir.join("spec.toml"), spec.to_toml_string()).await?;
     Ok(())
 }
 
-/// Starts `jepa-worker train` for the assignment's one rank. The trainer
-/// dies with the daemon: it gets SIGKILL when its parent exits.
-fn spawn_trainer(
-    ctx: &Context,
-    dir: &Path,
-    resume: Option<&Path>,
-    device: &str,
-    assignment: &proto::Assignment,
-) -> std::io::Result<Child> {
+/// Where and how one rank's trainer runs.
+struct TrainerArgs<'a> {
+    /// The attempt's folder, holding `spec.toml`.
+    dir: &'a Path,
+    /// The rank's output folder (checkpoints).
+    out: &'a Path,
+    /// Checkpoint record to resume from.
+    resume: Option<&'a Path>,
+    /// The rank and its device.
+    slot: &'a proto::RankSlot,
+    /// Ranks of the attempt in all.
+    world: u32,
+    /// Rank 0's address, for the other ranks.
+    master: Option<&'a str>,
+    /// The attempt's token for the ring.
+    token: &'a str,
+}
+
+/// Starts `jepa-worker train` for one rank. The trainer dies with the
+/// daemon: it gets SIGKILL when its parent exits.
+fn spawn_trainer(ctx: &Context, args: &TrainerArgs<'_>, attempt: u32) -> std::io::Result<Child> {
+    let device = args.slot.gpu_index.map_or_else(|| "cpu".to_string(), |i| format!("cuda:{i}"));
+    let host = ctx.config.address.rsplit_once(':').map_or(ctx.config.address.as_str(), |(h, _)| h);
+    let bind = if host.is_empty() { "127.0.0.1:0".to_string() } else { format!("{host}:0") };
     let mut command = Command::new(&ctx.config.trainer);
     command
         .arg("train")
         .arg("--config")
-        .arg(dir.join("spec.toml"))
+        .arg(args.dir.join("spec.toml"))
         .arg("--json")
         .arg("--out")
-        .arg(dir)
+        .arg(args.out)
         .arg("--device")
-        .arg(device)
+        .arg(&device)
         .arg("--threads")
         .arg(ctx.config.trainer_threads.to_string())
-        .env("JEPA_ATTEMPT", assignment.attempt.to_string())
+        .args(["--rank", &args.slot.rank.to_string(), "--world", &args.world.to_string()])
+        .args(["--bind", &bind, "--token", args.token])
+        .args(["--collective-timeout", &format!("{}s", ctx.config.collective_timeout.as_secs())])
+        .env("JEPA_ATTEMPT", attempt.to_string())
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(record) = resume {
+    if let Some(master) = args.master {
+        command.args(["--master", master]);
+    }
+    if let Some(record) = args.resume {
         command.arg("--resume").arg(record);
     }
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
@@ -463,6 +653,68 @@ pub enum Reply {
 }
 
 impl Context {
+    /// Publishes rank 0's address for the attempt's other ranks.
+    async fn rendezvous_publish(&self, run_id: &str, attempt: u32, address: &str) -> Reply {
+        let request = proto::RendezvousRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: run_id.to_string(),
+            generation: attempt,
+            rank: 0,
+            payload: address.as_bytes().to_vec(),
+        };
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..10 {
+            match self.workers.clone().rendezvous(request.clone()).await {
+                Ok(_) => return Reply::Ok,
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Reply::Stale
+                }
+                Err(status) => {
+                    tracing::warn!(run = %run_id, error = %status.message(), "rendezvous publish failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Reply::Retry
+    }
+
+    /// Waits for rank 0's address; `None` when the attempt ended or a stop
+    /// came first.
+    async fn rendezvous_wait(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        rank: u32,
+        stop: &mut watch::Receiver<Option<StopKind>>,
+    ) -> Option<String> {
+        let request = proto::RendezvousRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: run_id.to_string(),
+            generation: attempt,
+            rank,
+            payload: Vec::new(),
+        };
+        let mut client = self.workers.clone();
+        loop {
+            let call = client.rendezvous(request.clone());
+            let reply = tokio::select! {
+                reply = call => reply,
+                _ = stop.changed() => return None,
+            };
+            match reply {
+                Ok(reply) => {
+                    return Some(String::from_utf8_lossy(&reply.into_inner().payload).into_owned())
+                }
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => return None,
+                Err(status) => {
+                    tracing::debug!(run = %run_id, rank, error = %status.message(), "waiting for rank 0");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
     async fn report_running(&self, run_id: &str, attempt: u32) -> Reply {
         let request = proto::ReportRunStateRequest {
             worker_id: self.worker_id.clone(),
@@ -558,8 +810,6 @@ impl Context {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::process::ExitStatusExt;
-
     use super::*;
 
     #[test]

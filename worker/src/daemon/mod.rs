@@ -54,6 +54,8 @@ pub struct DaemonConfig {
     pub grace: Duration,
     /// Interval of metric flushes to the coordinator.
     pub metrics_flush: Duration,
+    /// Deadline of the trainers' collective operations.
+    pub collective_timeout: Duration,
 }
 
 /// What every attempt task shares: the configuration, the worker id and
