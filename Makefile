@@ -14,7 +14,7 @@ BENCH_BIN ?= $(RELEASE_DIR)/jepa-worker
 BENCH_ARGS ?= --threads 1 --rounds 3
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build test lint unit link-check parity bench demo clean
+.PHONY: setup build test lint unit link-check parity bench bench-allreduce demo clean
 
 setup:
 	@scripts/setup.sh
@@ -44,6 +44,12 @@ parity: setup
 bench: setup
 	$(CARGO) build --release -p jepa-worker --bin jepa-worker
 	$(JEPA_PY) tests/bench/compare.py --bin $(BENCH_BIN) $(BENCH_ARGS)
+
+# All-reduce bandwidth of the CPU ring against torch.distributed gloo on
+# loopback (tests/bench/allreduce.py; docs/bench.md). Not part of `test`.
+bench-allreduce: setup
+	$(CARGO) build --release -p jepa-worker --bin jepa-worker
+	$(JEPA_PY) tests/bench/allreduce.py --bin $(BENCH_BIN) $(ALLREDUCE_ARGS)
 
 test: lint unit link-check parity
 

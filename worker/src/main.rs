@@ -121,6 +121,8 @@ enum Command {
     },
     /// Times full training steps: images/s, step time, model FLOPs, MFU.
     Bench(jepa_worker::bench::BenchArgs),
+    /// Times the CPU ring's all-reduce between rank processes on this host.
+    BenchAllreduce(jepa_worker::collective::bench::AllreduceBenchArgs),
     /// Serves a coordinator: registers this host's resources and runs the
     /// trainers of the attempts it is assigned.
     Daemon(DaemonArgs),
@@ -244,6 +246,7 @@ fn main() -> ExitCode {
         }
         Command::Probe { spec, features, checkpoint } => probe(&spec, features, checkpoint),
         Command::Bench(args) => jepa_worker::bench::run_cli(&args),
+        Command::BenchAllreduce(args) => jepa_worker::collective::bench::run(&args),
         Command::Daemon(args) => run_daemon(args),
     };
     match result {

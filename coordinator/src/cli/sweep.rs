@@ -12,7 +12,7 @@ use super::output::{print_runs, table};
 use super::submit::{parse_axis, SpecArgs};
 use super::{connect, plot};
 use crate::core::state_name;
-use crate::core::sweeps::{sweep_state_name, SCALE_AXIS, SEED_AXIS};
+use crate::core::sweeps::{axis_point, sweep_state_name, SCALE_AXIS, SEED_AXIS};
 
 /// `jepactl sweep`: flags submit a sweep; a subcommand acts on one.
 #[derive(Debug, clap::Args)]
@@ -292,7 +292,7 @@ async fn status(address: &str, sweep_id: String, json: bool) -> anyhow::Result<(
         .iter()
         .enumerate()
         .map(|(i, run)| {
-            let point = axis_values(&axes, i);
+            let point = axis_point(&axes, i);
             let progress = run.progress.as_ref().map_or("-".to_string(), |p| {
                 let loss = p.loss.map_or(String::new(), |l| format!(" loss {l:.4}"));
                 format!("{}/{}{loss}", p.step, p.total_steps)
@@ -313,22 +313,6 @@ async fn status(address: &str, sweep_id: String, json: bool) -> anyhow::Result<(
         .collect();
     println!("{}", table(&["RUN", "POINT", "STATE", "PROGRESS", "NOTE"], &rows));
     Ok(())
-}
-
-/// The axis values of trial `index` of the cartesian product.
-fn axis_values(axes: &[&proto::SweepAxis], index: usize) -> Vec<proto::AxisValue> {
-    let mut rest = index;
-    let mut point = Vec::new();
-    for axis in axes.iter().rev() {
-        let n = axis.values.len().max(1);
-        point.push(proto::AxisValue {
-            field: axis.field.clone(),
-            value: axis.values.get(rest % n).cloned().unwrap_or_default(),
-        });
-        rest /= n;
-    }
-    point.reverse();
-    point
 }
 
 /// The report's rows as printed and as CSV: one per point without seed.

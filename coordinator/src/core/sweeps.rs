@@ -273,7 +273,7 @@ pub fn build_report(
 
 /// The axis values of trial `index` (the cartesian product's order: the
 /// last axis varies fastest).
-fn axis_point(axes: &[&proto::SweepAxis], index: usize) -> Vec<proto::AxisValue> {
+pub fn axis_point(axes: &[&proto::SweepAxis], index: usize) -> Vec<proto::AxisValue> {
     let mut rest = index;
     let mut point = Vec::with_capacity(axes.len());
     for axis in axes.iter().rev() {

@@ -4,6 +4,7 @@
 
 use tch::Tensor;
 
+pub mod bench;
 pub mod tcp;
 
 /// Errors of a collective operation.
