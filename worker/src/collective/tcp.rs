@@ -291,31 +291,22 @@ impl TcpRing {
                 } else {
                     ((self.rank + world - step + 1) % world, (self.rank + world - step) % world)
                 };
-                let (s0, s1) = bounds[send_chunk];
-                let (r0, r1) = bounds[recv_chunk];
-                let outgoing: Vec<u8> = bytemuck::cast_slice(&data[s0..s1]).to_vec();
                 let tag = (phase, u32::try_from(step).unwrap_or(0), self.calls);
-                let mut incoming = vec![0f32; r1 - r0];
-                self.exchange(&outgoing, bytemuck::cast_slice_mut(&mut incoming), tag)?;
-                let target = &mut data[r0..r1];
-                if phase == OP_REDUCE {
-                    for (t, v) in target.iter_mut().zip(&incoming) {
-                        *t += v;
-                    }
-                } else {
-                    target.copy_from_slice(&incoming);
-                }
+                let (send, recv) = disjoint(data, bounds[send_chunk], bounds[recv_chunk]);
+                self.exchange(send, recv, phase == OP_REDUCE, tag)?;
             }
         }
         Ok(())
     }
 
-    /// Sends `outgoing` to the next rank while receiving `expect` bytes from
-    /// the previous one; both carry the header `tag`.
+    /// Sends `outgoing` to the next rank while receiving a chunk of the
+    /// same kind from the previous one, segment by segment, adding it into
+    /// `target` (`add`) or copying it there; both carry the header `tag`.
     fn exchange(
         &mut self,
-        outgoing: &[u8],
-        incoming: &mut [u8],
+        outgoing: &[f32],
+        target: &mut [f32],
+        add: bool,
         tag: (u32, u32, u32),
     ) -> Result<(), CollectiveError> {
         let timeout = self.timeout;
@@ -324,8 +315,25 @@ impl TcpRing {
         };
         let op = "all_reduce";
         std::thread::scope(|scope| {
-            let sender = scope.spawn(move || send_message(next, outgoing, tag, timeout, op));
-            let received = recv_message(prev, incoming, tag, timeout, op);
+            let bytes: &[u8] = bytemuck::cast_slice(outgoing);
+            let sender = scope.spawn(move || send_message(next, bytes, tag, timeout, op));
+            let received = (|| {
+                recv_header(prev, target.len() * 4, tag, timeout, op)?;
+                let mut segment = vec![0f32; SEGMENT_BYTES / 4];
+                for part in target.chunks_mut(SEGMENT_BYTES / 4) {
+                    let buf = &mut segment[..part.len()];
+                    prev.read_exact(bytemuck::cast_slice_mut(buf))
+                        .map_err(|e| io_err(op, timeout, &e))?;
+                    if add {
+                        for (t, v) in part.iter_mut().zip(buf.iter()) {
+                            *t += v;
+                        }
+                    } else {
+                        part.copy_from_slice(buf);
+                    }
+                }
+                Ok(())
+            })();
             let sent = sender.join().unwrap_or_else(|_| Err(failed(op, "send thread panicked")));
             sent.and(received)
         })
@@ -375,14 +383,13 @@ fn send_message(
     Ok(())
 }
 
-fn recv_message(
+fn recv_header(
     stream: &mut TcpStream,
-    buf: &mut [u8],
+    expect: usize,
     (op_code, step, call): (u32, u32, u32),
     timeout: Duration,
     op: &'static str,
 ) -> Result<(), CollectiveError> {
-    let expect = buf.len();
     let mut header = [0u8; 20];
     stream.read_exact(&mut header).map_err(|e| io_err(op, timeout, &e))?;
     let word =
@@ -401,7 +408,35 @@ fn recv_message(
             ),
         ));
     }
+    Ok(())
+}
+
+fn recv_message(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    tag: (u32, u32, u32),
+    timeout: Duration,
+    op: &'static str,
+) -> Result<(), CollectiveError> {
+    recv_header(stream, buf.len(), tag, timeout, op)?;
     stream.read_exact(buf).map_err(|e| io_err(op, timeout, &e))
+}
+
+/// The chunk to send and the chunk to receive into, two disjoint ranges
+/// of `data`.
+fn disjoint(
+    data: &mut [f32],
+    (s0, s1): (usize, usize),
+    (r0, r1): (usize, usize),
+) -> (&[f32], &mut [f32]) {
+    // Either range may be empty when there are fewer elements than ranks.
+    if s1 <= r0 {
+        let (low, high) = data.split_at_mut(r0);
+        (&low[s0..s1], &mut high[..r1 - r0])
+    } else {
+        let (low, high) = data.split_at_mut(s0);
+        (&high[..s1 - s0], &mut low[r0..r1])
+    }
 }
 
 impl Collective for TcpRing {
@@ -515,11 +550,17 @@ mod tests {
                 let mut data: Vec<f32> = (0..1001).map(|i| i as f32 + rank * 1000.0).collect();
                 ring.all_reduce_sum(&mut data).unwrap();
                 ring.barrier().unwrap();
+                // Fewer elements than ranks: some chunks are empty.
+                let mut tiny = vec![rank + 1.0, 2.0];
+                ring.all_reduce_sum(&mut tiny).unwrap();
+                data.extend(tiny);
                 data
             });
             let w = world as f32;
             for data in results {
-                let data = data.unwrap();
+                let mut data = data.unwrap();
+                let tiny = data.split_off(1001);
+                assert_eq!(tiny, vec![w * (w + 1.0) / 2.0, 2.0 * w], "world {world}, tiny buffer");
                 for (i, v) in data.iter().enumerate() {
                     let expected = w * i as f32 + 1000.0 * w * (w - 1.0) / 2.0;
                     assert_eq!(*v, expected, "world {world}, element {i}");
