@@ -65,10 +65,10 @@ for _ in $(seq 100); do jepactl workers 2>/dev/null | grep -q demo-worker && bre
 jepactl workers
 
 echo "== submitting EC-IJEPA and I-JEPA, $steps steps each"
-stamp=$(date +%H%M%S)
+stamp=$(date +%m%d-%H%M%S)
 ids=()
 for method in ec none; do
-  id=$(jepactl -o json submit --name "demo-$method-$stamp" \
+  id=$(jepactl -o json submit --name "demo-$stamp-$method" \
     --set "conditioning.kind=$method" --set "schedule.steps=$steps" \
     --set optim.warmup_steps=$((steps / 20)) --set schedule.log_every=10 \
     --set schedule.checkpoint_every=100 --set schedule.rankme_every=100 \
@@ -81,7 +81,7 @@ echo "runs: ${ids[*]}"
 echo "== progress (every 15 s; the last minute of each run is its linear probe)"
 while :; do
   sleep 15
-  jepactl list --name "demo-" --limit 2 | sed "s/^/[$(( $(date +%s) - start_time )) s] /"
+  jepactl list --name "demo-$stamp-" --limit 2 | grep -v '^more:' | sed "s/^/[$(( $(date +%s) - start_time )) s] /"
   unfinished=0
   for id in "${ids[@]}"; do
     state=$(run_state "$id")
