@@ -13,7 +13,7 @@ use jepa_common::spec::{RunSpec, SpecError};
 use jepa_common::spec_override::set_field;
 use jepa_common::telemetry::{self, LogFormat};
 use jepa_worker::collective::tcp::{RingConfig, RingListener, TcpRing};
-use jepa_worker::collective::{Collective, SingleRank};
+use jepa_worker::collective::{nccl, Collective, SingleRank};
 use jepa_worker::daemon::{self, attempt::EXIT_INVALID_SPEC, resources};
 use jepa_worker::data::{open_source, Split};
 use jepa_worker::runtime::{self, CudaLoad};
@@ -137,9 +137,10 @@ struct RankArgs {
     /// Ranks in all; must equal the spec's resources.ranks.
     #[arg(long, default_value_t = 1)]
     world: usize,
-    /// Rank 0's bootstrap address (host:port); ranks other than 0 need it.
+    /// What rank 0 published: its bootstrap address (host:port) on CPU, or
+    /// its NCCL id (`nccl:<hex>`) on CUDA; ranks other than 0 need it.
     #[arg(long)]
-    master: Option<std::net::SocketAddr>,
+    master: Option<String>,
     /// Address this rank listens on for its ring neighbour (port 0 picks a
     /// free one); rank 0 prints it as a `listening` event.
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -172,10 +173,22 @@ impl RankArgs {
         if self.world == 1 {
             return Ok(Box::new(SingleRank));
         }
-        anyhow::ensure!(
-            !spec.resources.is_cuda(),
-            "multi-rank CUDA runs need the NCCL backend, which this build does not have yet"
-        );
+        if spec.resources.is_cuda() {
+            // NCCL: rank 0 makes the id, the others join with it.
+            let id = if self.rank == 0 {
+                let id = nccl::unique_id()?;
+                metrics::JsonLines.emit(&metrics::Event::Listening { address: id.to_text() });
+                id
+            } else {
+                let text = self
+                    .master
+                    .as_deref()
+                    .with_context(|| format!("--rank {} needs --master nccl:<id>", self.rank))?;
+                nccl::UniqueId::from_text(text)?
+            };
+            let comm = nccl::NcclComm::init(&id, self.rank, self.world, self.collective_timeout)?;
+            return Ok(Box::new(comm));
+        }
         let listener = RingListener::bind(&self.bind)?;
         if self.rank == 0 {
             let address = listener.local_addr()?.to_string();
@@ -189,7 +202,14 @@ impl RankArgs {
             token: self.token.clone(),
             timeout: self.collective_timeout,
         };
-        Ok(Box::new(TcpRing::connect(&config, listener, self.master)?))
+        let master = match &self.master {
+            Some(text) => Some(
+                text.parse::<std::net::SocketAddr>()
+                    .with_context(|| format!("--master {text:?} is not HOST:PORT"))?,
+            ),
+            None => None,
+        };
+        Ok(Box::new(TcpRing::connect(&config, listener, master)?))
     }
 }
 
@@ -338,6 +358,10 @@ fn info(device: &str) -> anyhow::Result<()> {
     println!("cuda available:  {}", tch::Cuda::is_available());
     println!("cuda devices:    {}", tch::Cuda::device_count());
     println!("cpu threads:     {}", tch::get_num_threads());
+    match nccl::version() {
+        Ok(v) => println!("nccl:            {}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+        Err(err) => println!("nccl:            not usable ({err})"),
+    }
 
     let device = runtime::select_device(device)?;
     // All-ones input through all-ones weights: each hidden unit sums 8 ones,

@@ -5,6 +5,7 @@
 use tch::Tensor;
 
 pub mod bench;
+pub mod nccl;
 pub mod tcp;
 
 /// Errors of a collective operation.

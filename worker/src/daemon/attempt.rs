@@ -96,13 +96,6 @@ async fn supervise(
     if assignment.ranks.is_empty() {
         return Some(Outcome::failed("the assignment names no rank for this worker", false));
     }
-    // Limitation: multi-rank CUDA runs need the NCCL backend, which is not
-    // built yet; they fail without retry.
-    if assignment.world_size > 1 && spec.resources.is_cuda() {
-        let message =
-            "multi-rank CUDA runs need the NCCL backend, which this worker does not have yet";
-        return Some(Outcome::failed(message, false));
-    }
     let dir = ctx.config.work_dir.join("runs").join(run_id).join(format!("attempt-{attempt}"));
     if let Err(err) = prepare_dir(&dir, &spec).await {
         return Some(Outcome::failed(format!("cannot prepare {}: {err:#}", dir.display()), true));
@@ -534,7 +527,9 @@ struct TrainerArgs<'a> {
 /// Starts `jepa-worker train` for one rank. The trainer dies with the
 /// daemon: it gets SIGKILL when its parent exits.
 fn spawn_trainer(ctx: &Context, args: &TrainerArgs<'_>, attempt: u32) -> std::io::Result<Child> {
-    let device = args.slot.gpu_index.map_or_else(|| "cpu".to_string(), |i| format!("cuda:{i}"));
+    // A GPU rank sees only its own device, as device 0 (NCCL and libtorch
+    // then agree on it without a device call).
+    let device = if args.slot.gpu_index.is_some() { "cuda:0" } else { "cpu" };
     let host = ctx.config.address.rsplit_once(':').map_or(ctx.config.address.as_str(), |(h, _)| h);
     let bind = if host.is_empty() { "127.0.0.1:0".to_string() } else { format!("{host}:0") };
     let mut command = Command::new(&ctx.config.trainer);
@@ -546,7 +541,7 @@ fn spawn_trainer(ctx: &Context, args: &TrainerArgs<'_>, attempt: u32) -> std::io
         .arg("--out")
         .arg(args.out)
         .arg("--device")
-        .arg(&device)
+        .arg(device)
         .arg("--threads")
         .arg(ctx.config.trainer_threads.to_string())
         .args(["--rank", &args.slot.rank.to_string(), "--world", &args.world.to_string()])
@@ -560,6 +555,9 @@ fn spawn_trainer(ctx: &Context, args: &TrainerArgs<'_>, attempt: u32) -> std::io
         .kill_on_drop(true);
     if let Some(master) = args.master {
         command.args(["--master", master]);
+    }
+    if let Some(index) = args.slot.gpu_index {
+        command.env("CUDA_VISIBLE_DEVICES", index.to_string());
     }
     if let Some(record) = args.resume {
         command.arg("--resume").arg(record);
