@@ -85,3 +85,25 @@ impl Collective for SingleRank {
         Ok(())
     }
 }
+
+/// All tensors as one flat f32 tensor (a single bucket) on their device.
+pub(crate) fn flatten(tensors: &[&Tensor]) -> Tensor {
+    let parts: Vec<Tensor> =
+        tensors.iter().map(|t| t.to_kind(tch::Kind::Float).flatten(0, -1)).collect();
+    Tensor::cat(&parts, 0)
+}
+
+/// Copies consecutive slices of `flat` back into `tensors`, in their own
+/// kind and on their own device.
+pub(crate) fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
+    let mut offset = 0i64;
+    for tensor in tensors {
+        let n = tensor.numel() as i64;
+        let part = flat.narrow(0, offset, n).view(tensor.size().as_slice());
+        tch::no_grad(|| {
+            let mut target = (*tensor).shallow_clone();
+            target.copy_(&part.to_kind(tensor.kind()).to(tensor.device()));
+        });
+        offset += n;
+    }
+}

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, CollectiveError};
+use super::{flatten, scatter_back, Collective, CollectiveError};
 
 /// `ncclUniqueId`: 128 opaque bytes.
 #[repr(C)]
@@ -297,26 +297,6 @@ impl NcclComm {
         };
         nccl.check(op, code)?;
         self.wait(op)
-    }
-}
-
-fn flatten(tensors: &[&Tensor]) -> Tensor {
-    Tensor::cat(
-        &tensors.iter().map(|t| t.to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(),
-        0,
-    )
-}
-
-fn scatter_back(flat: &Tensor, tensors: &[&Tensor]) {
-    let mut offset = 0i64;
-    for tensor in tensors {
-        let n = tensor.numel() as i64;
-        let part = flat.narrow(0, offset, n).view(tensor.size().as_slice());
-        tch::no_grad(|| {
-            let mut target = (*tensor).shallow_clone();
-            target.copy_(&part.to_kind(tensor.kind()));
-        });
-        offset += n;
     }
 }
 

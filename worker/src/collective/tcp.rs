@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 
-use super::{Collective, CollectiveError};
+use super::{flatten, scatter_back, Collective, CollectiveError};
 
 /// Bytes of one ring message payload at most; larger chunks are split.
 const SEGMENT_BYTES: usize = 1 << 20;
@@ -453,30 +453,14 @@ impl Collective for TcpRing {
             return Ok(());
         }
         // One flat f32 buffer (a single "bucket") for all tensors.
-        let flat = Tensor::cat(
-            &tensors
-                .iter()
-                .map(|t| t.to_kind(Kind::Float).flatten(0, -1).to(tch::Device::Cpu))
-                .collect::<Vec<_>>(),
-            0,
-        );
+        let flat = flatten(tensors).to(tch::Device::Cpu);
         let mut data: Vec<f32> = Vec::try_from(&flat).map_err(|e| failed("all_reduce", e))?;
         self.all_reduce_sum(&mut data)?;
         let scale = 1.0 / self.world as f32;
         for v in &mut data {
             *v *= scale;
         }
-        let reduced = Tensor::from_slice(&data);
-        let mut offset = 0i64;
-        for tensor in tensors {
-            let n = tensor.numel() as i64;
-            let part = reduced.narrow(0, offset, n).view(tensor.size().as_slice());
-            tch::no_grad(|| {
-                let mut target = (*tensor).shallow_clone();
-                target.copy_(&part.to_kind(tensor.kind()).to(tensor.device()));
-            });
-            offset += n;
-        }
+        scatter_back(&Tensor::from_slice(&data), tensors);
         Ok(())
     }
 
