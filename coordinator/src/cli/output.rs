@@ -54,7 +54,8 @@ fn request_text(req: Option<&proto::ResourceRequest>) -> String {
     }
 }
 
-fn progress_text(run: &proto::Run) -> String {
+/// A run's progress as `step/total loss L`, or `-`.
+pub fn progress_text(run: &proto::Run) -> String {
     let Some(p) = &run.progress else { return "-".into() };
     let loss = p.loss.map_or(String::new(), |l| format!(" loss {l:.4}"));
     format!("{}/{}{loss}", p.step, p.total_steps)

@@ -8,7 +8,7 @@ use jepa_common::proto::{self, SweepState};
 use jepa_common::spec::RunSpec;
 use serde_json::json;
 
-use super::output::{print_runs, table};
+use super::output::{print_runs, progress_text, table};
 use super::submit::{parse_axis, SpecArgs};
 use super::{connect, plot};
 use crate::core::state_name;
@@ -128,6 +128,16 @@ pub async fn run(address: &str, command: SweepCommand, json: bool) -> anyhow::Re
 }
 
 impl SweepArgs {
+    /// The base spec's part of these flags, as `jepactl submit` reads it.
+    fn spec_args(&self) -> SpecArgs {
+        SpecArgs {
+            config: self.config.clone(),
+            set: self.set.iter().flat_map(|s| split_pairs(s)).collect(),
+            min_gpu_memory: self.min_gpu_memory,
+            ..Default::default()
+        }
+    }
+
     /// The base spec and the axes, in report order: context scale,
     /// conditioning, the generic axes, then seeds (varying fastest).
     ///
@@ -135,12 +145,7 @@ impl SweepArgs {
     ///
     /// A message naming the flag and the bad value.
     pub fn build(&self) -> anyhow::Result<(RunSpec, Vec<proto::SweepAxis>)> {
-        let spec_args = SpecArgs {
-            config: self.config.clone(),
-            set: self.set.iter().flat_map(|s| split_pairs(s)).collect(),
-            ..Default::default()
-        };
-        let base = spec_args.build()?;
+        let base = self.spec_args().build()?;
         let mut axes = Vec::new();
         if let Some(text) = &self.context_scale {
             let values = list("--context-scale", text)?;
@@ -224,8 +229,7 @@ fn check_scale(value: &str) -> anyhow::Result<()> {
 
 async fn submit(address: &str, args: &SweepArgs, json: bool) -> anyhow::Result<()> {
     let (base, axes) = args.build()?;
-    let min_gpu_memory_bytes =
-        args.min_gpu_memory.map_or(0, |gib| (gib.max(0.0) * f64::from(1u32 << 30)) as u64);
+    let min_gpu_memory_bytes = args.spec_args().min_gpu_memory_bytes();
     let request = proto::SubmitSweepRequest {
         name: args.name.clone(),
         base: Some(proto::RunSpec::from(&base)),
@@ -293,10 +297,7 @@ async fn status(address: &str, sweep_id: String, json: bool) -> anyhow::Result<(
         .enumerate()
         .map(|(i, run)| {
             let point = axis_point(&axes, i);
-            let progress = run.progress.as_ref().map_or("-".to_string(), |p| {
-                let loss = p.loss.map_or(String::new(), |l| format!(" loss {l:.4}"));
-                format!("{}/{}{loss}", p.step, p.total_steps)
-            });
+            let progress = progress_text(run);
             let note = if run.pending_reason.is_empty() {
                 run.message.clone()
             } else {

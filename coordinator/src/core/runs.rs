@@ -203,16 +203,15 @@ fn expand_sweep(
         ));
     }
 
+    let axes: Vec<&proto::SweepAxis> = axes.iter().collect();
     (0..count)
         .map(|index| {
-            let mut rest = index;
             let mut spec = base.clone();
             let mut point = Vec::new();
-            for axis in axes.iter().rev() {
-                let value = &axis.values[rest % axis.values.len()];
-                rest /= axis.values.len();
-                point.push(format!("{}={value}", axis.field));
-                spec = set_field(&spec, &axis.field, value).map_err(|e| at_point(e, &point))?;
+            // Innermost axis first, so an error names the point up to the bad field.
+            for v in super::sweeps::axis_point(&axes, index).iter().rev() {
+                point.push(format!("{}={}", v.field, v.value));
+                spec = set_field(&spec, &v.field, &v.value).map_err(|e| at_point(e, &point))?;
             }
             spec.name = format!("{name}-{index}");
             spec.validate().map_err(|e| at_point(e, &point))?;
