@@ -216,23 +216,7 @@ async fn supervise(
         tokio::select! {
             line = next_line(&mut lines) => match line {
                 Some(line) => {
-                    match serde_json::from_str::<Event>(&line) {
-                        Ok(event) => {
-                            if let Event::Done { interrupted, .. } = event {
-                                done = Some(interrupted);
-                            }
-                            if let Event::Checkpoint { path, step, .. } = &event {
-                                if stopping.is_none() {
-                                    match Upload::open(Path::new(path)) {
-                                        Ok(upload) => { let _ = upload_tx.send(upload); }
-                                        Err(err) => tracing::warn!(step, error = %format!("{err:#}"), "checkpoint not uploaded"),
-                                    }
-                                }
-                            }
-                            points.extend(event_points(&event));
-                        }
-                        Err(_) => tracing::debug!(%line, "trainer printed a non-event line"),
-                    }
+                    take_line(&line, stopping.is_none(), &mut done, &mut points, &upload_tx);
                     if points.len() >= FLUSH_POINTS && !stale {
                         stale = ctx.send_metrics(run_id, attempt, &mut points).await == Reply::Stale;
                     }
@@ -276,15 +260,11 @@ async fn supervise(
             },
         }
     }
-    // Lines still in rank 0's pipe after the exit.
+    // Lines still in rank 0's pipe after the exit (the exit may be seen
+    // first): the final checkpoint, evaluation and `done` are often there.
     if let Some(reader) = lines.as_mut() {
         while let Ok(Some(line)) = reader.next_line().await {
-            if let Ok(event) = serde_json::from_str::<Event>(&line) {
-                if let Event::Done { interrupted, .. } = event {
-                    done = Some(interrupted);
-                }
-                points.extend(event_points(&event));
-            }
+            take_line(&line, stopping.is_none(), &mut done, &mut points, &upload_tx);
         }
     }
     let mut tails = Vec::new();
@@ -320,6 +300,35 @@ async fn supervise(
         outcome.message = format!("rank {rank}: {}", outcome.message);
     }
     Some(outcome)
+}
+
+/// Takes one line of rank 0's stdout: notes `done`, queues an announced
+/// checkpoint for upload (unless the attempt is stopping) and collects the
+/// metric points.
+fn take_line(
+    line: &str,
+    upload: bool,
+    done: &mut Option<bool>,
+    points: &mut Vec<proto::MetricPoint>,
+    uploads: &mpsc::UnboundedSender<Upload>,
+) {
+    let Ok(event) = serde_json::from_str::<Event>(line) else {
+        tracing::debug!(%line, "trainer printed a non-event line");
+        return;
+    };
+    match &event {
+        Event::Done { interrupted, .. } => *done = Some(*interrupted),
+        Event::Checkpoint { path, step, .. } if upload => match Upload::open(Path::new(path)) {
+            Ok(file) => {
+                let _ = uploads.send(file);
+            }
+            Err(err) => {
+                tracing::warn!(step, error = %format!("{err:#}"), "checkpoint not uploaded")
+            }
+        },
+        _ => {}
+    }
+    points.extend(event_points(&event));
 }
 
 /// The trainer processes of this worker's ranks of one attempt.
